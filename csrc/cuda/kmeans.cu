@@ -1,0 +1,2 @@
+// kmeans CUDA kernels: filled in by the kmeans issue.
+#include "../ops.h"

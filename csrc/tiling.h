@@ -1,0 +1,51 @@
+// The tiling core shared by every op: walk the rows of A (q, features, points) in chunks, and for
+// each chunk form the fp32 block scale * A[r0:r1] @ B^T with one GEMM (BLAS on CPU, cuBLAS with
+// tensor cores on CUDA) into a reusable buffer. Ops differ only in the epilogue they run on a block.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace pyprotoclip {
+
+// A block holds at most this many fp32 values (32 MiB): large enough that each GEMM keeps BLAS
+// efficient (>= 64 rows against any realistic m), small enough to stay O(tile), never O(n * m).
+constexpr int64_t kBlockElems = int64_t(8) << 20;
+// Never fewer rows than this per block, so that tiny-m problems still make few GEMM calls.
+constexpr int64_t kMinBlockRows = 16;
+
+// Rows per block for a problem with `cols` columns.
+inline int64_t block_rows(int64_t n, int64_t cols, int64_t budget = kBlockElems) {
+  const int64_t rows = std::max<int64_t>(kMinBlockRows, budget / std::max<int64_t>(cols, 1));
+  return std::max<int64_t>(1, std::min<int64_t>(n, rows));
+}
+
+// Calls fn(r0, r1) for consecutive row blocks [r0, r1) covering [0, n).
+template <class Fn>
+inline void for_each_row_block(int64_t n, int64_t rows, Fn&& fn) {
+  for (int64_t r0 = 0; r0 < n; r0 += rows) fn(r0, std::min(n, r0 + rows));
+}
+
+// Operand in the dtype the GEMMs run in: fp32 on CPU (MKL has no fast bf16 -> fp32 path we can
+// rely on); the input dtype on CUDA, where half/bf16 GEMMs use tensor cores with fp32 output.
+inline at::Tensor gemm_operand(const at::Tensor& t) {
+  return t.is_cuda() ? t.contiguous() : t.contiguous().to(at::kFloat);
+}
+
+// out (r, m) fp32 = a (r, d) @ b(m, d)^T, fp32 accumulation and output whatever a, b's dtype.
+inline void gemm_nt_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
+  if (a.scalar_type() == at::kFloat) {
+    at::mm_out(out, a, b.t());
+  } else {
+    at::mm_out(out, a, b.t(), at::kFloat);
+  }
+}
+
+// View of the first `rows` rows of a preallocated (max_rows, cols) buffer.
+inline at::Tensor block_view(const at::Tensor& buffer, int64_t rows) {
+  return buffer.narrow(0, 0, rows);
+}
+
+}  // namespace pyprotoclip

@@ -1,0 +1,3 @@
+from pyprotoclip.cli import main
+
+main()

@@ -1,0 +1,96 @@
+"""The ``pyprotoclip`` command line: a click group whose subcommands are imported only when used,
+so ``pyprotoclip --help`` and ``pyprotoclip doctor`` stay fast."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import runpy
+import sys
+
+import click
+
+# name -> "module:attribute" of a click command or group
+SUBCOMMANDS = {
+    "train": ("pyprotoclip.train.cli:train", "Train CLIP / CyCLIP / ProtoCLIP (torchrun-launchable)."),
+    "eval": ("pyprotoclip.eval.cli:eval_cmd", "Zero-shot, linear-probe and retrieval evaluation of a checkpoint."),
+    "data": ("pyprotoclip.data.cli:data", "Write datasets as webdataset shards (synthetic, from CSV, from folders)."),
+    "ood": ("pyprotoclip.eval.ood_cli:ood", "Out-of-distribution detection scores (PALM)."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(SUBCOMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in SUBCOMMANDS:
+            target, _ = SUBCOMMANDS[name]
+            module_name, attr = target.split(":")
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name and exc.name.startswith("pyprotoclip"):
+                    return _not_available(name, SUBCOMMANDS[name][1])
+                raise
+            return getattr(module, attr)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, SUBCOMMANDS[name][1]) for name in sorted(SUBCOMMANDS)]
+        rows += [(name, cmd.get_short_help_str()) for name, cmd in sorted(self.commands.items())]
+        with formatter.section("Commands"):
+            formatter.write_dl(sorted(rows))
+
+
+def _not_available(name: str, help_text: str) -> click.Command:
+    @click.command(name=name, help=help_text, context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def missing(args: tuple[str, ...]) -> None:
+        raise click.ClickException(f"`pyprotoclip {name}` is not available in this version of pyprotoclip")
+
+    return missing
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pyprotoclip")
+def main() -> None:
+    """pyprotoclip: prototype-based contrastive language-image pretraining."""
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def doctor(as_json: bool) -> None:
+    """Say what was compiled (CPU/CUDA, archs, versions, threads) and which backend `auto` picks."""
+    from pyprotoclip import build_info
+
+    info = build_info()
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        click.echo(f"{key:<{width}}  {value}")
+    if not info["compiled"]:
+        click.echo("\nThe compiled kernels are not in use; every op runs its pure-PyTorch reference.", err=True)
+
+
+BENCHES = {"infonce": "bench_infonce.py", "proto": "bench_proto_softmax.py", "kmeans": "bench_kmeans.py"}
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("op", type=click.Choice(sorted(BENCHES)))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(op: str, args: tuple[str, ...]) -> None:
+    """Run an operator benchmark from tools/ (source checkout); extra ARGS go to the script."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(here, "tools", BENCHES[op])
+    if not os.path.exists(script):
+        raise click.ClickException(f"{script} not found: benchmarks run from a source checkout of pyprotoclip")
+    sys.argv = [script, *args]
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

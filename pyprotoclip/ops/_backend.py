@@ -1,0 +1,57 @@
+"""Backend choice for every op: ``auto`` | ``compiled`` | ``reference``.
+
+``auto`` uses the compiled kernel when it was built for the tensor's device and falls back to
+``reference.py`` otherwise (warning once). ``PYPROTOCLIP_BACKEND`` overrides ``auto``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from pyprotoclip import _library
+
+BACKENDS = ("auto", "compiled", "reference")
+_warned: set[str] = set()
+
+
+def auto_backend(device: torch.device) -> str:
+    """What ``backend='auto'`` resolves to on ``device``."""
+    forced = os.environ.get("PYPROTOCLIP_BACKEND", "").strip()
+    if forced:
+        if forced not in ("compiled", "reference"):
+            raise ValueError(f"PYPROTOCLIP_BACKEND: expected 'compiled' or 'reference', got {forced!r}")
+        return forced
+    return "compiled" if device.type in _library.compiled_devices() else "reference"
+
+
+def resolve(backend: str, device: torch.device, op: str) -> str:
+    """Resolve ``backend`` for a call of ``op`` on ``device`` to 'compiled' or 'reference'."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    available = device.type in _library.compiled_devices()
+    if backend == "compiled":
+        if not available:
+            _, reason = _library.load()
+            raise RuntimeError(
+                f"{op}: backend='compiled' but no compiled kernel for device {device.type!r}"
+                + (f" ({reason})" if reason else "")
+            )
+        return "compiled"
+    chosen = auto_backend(device)
+    if chosen == "compiled" and not available:
+        raise RuntimeError(f"{op}: PYPROTOCLIP_BACKEND=compiled but no compiled kernel for {device.type!r}")
+    if chosen == "reference" and not os.environ.get("PYPROTOCLIP_BACKEND") and device.type not in _warned:
+        _warned.add(device.type)
+        _, reason = _library.load()
+        warnings.warn(
+            f"pyprotoclip: no compiled kernels for {device.type!r}; using the pure-PyTorch reference ops"
+            + (f" ({reason})" if reason else ""),
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return chosen

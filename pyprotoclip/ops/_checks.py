@@ -1,0 +1,94 @@
+"""Argument validation shared by the public op functions.
+
+Every failure is a ``ValueError`` that names the argument and says what was expected. Value checks
+(finiteness, ranges) read data; they are skipped while ``torch.compile`` traces (they would break
+the graph) and when ``PYPROTOCLIP_SKIP_CHECKS=1``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def value_checks_enabled() -> bool:
+    if os.environ.get("PYPROTOCLIP_SKIP_CHECKS") == "1":
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def float_matrix(name: str, value: object, *, allow_empty: bool = False) -> torch.Tensor:
+    """A 2-D floating tensor (n, d) with n >= 1 and d >= 1."""
+    t = tensor(name, value)
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor (n, d), got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected dtype float32, bfloat16 or float16, got {t.dtype}")
+    if not allow_empty and (t.shape[0] == 0 or t.shape[1] == 0):
+        raise ValueError(f"{name}: expected a non-empty (n, d) tensor, got shape {tuple(t.shape)}")
+    return t
+
+
+def same_device(named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name}: expected device {first.device} (as {first_name}), got {t.device}")
+
+
+def same_dtype(named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.dtype != first.dtype:
+            raise ValueError(f"{name}: expected dtype {first.dtype} (as {first_name}), got {t.dtype}")
+
+
+def same_width(named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.shape[-1] != first.shape[-1]:
+            raise ValueError(
+                f"{name}: expected feature size {first.shape[-1]} to match {first_name} "
+                f"{tuple(first.shape)}, got {tuple(t.shape)}"
+            )
+
+
+def finite(name: str, t: torch.Tensor) -> None:
+    if value_checks_enabled() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name}: expected finite values, found {bad} NaN/Inf entries")
+
+
+def scalar(name: str, value: object, device: torch.device, *, positive: bool = False) -> torch.Tensor:
+    """A python number or 0-d/1-element floating tensor, returned as a 0-d tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}: expected a scalar (0-d tensor or float), got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point scalar, got dtype {value.dtype}")
+        if value.device != device and value.device.type != "cpu":
+            raise ValueError(f"{name}: expected device {device}, got {value.device}")
+        t = value.reshape(())
+        if t.device != device:
+            t = t.to(device)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        t = torch.tensor(float(value), device=device)
+    else:
+        raise ValueError(f"{name}: expected a float or a 0-d tensor, got {type(value).__name__}")
+    if value_checks_enabled():
+        v = float(t.detach())
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError(f"{name}: expected a finite value, got {v}")
+        if positive and v <= 0:
+            raise ValueError(f"{name}: expected a value > 0, got {v}")
+    return t

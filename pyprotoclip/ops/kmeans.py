@@ -1,0 +1,1 @@
+"""Fused k-means update op (issue 5)."""

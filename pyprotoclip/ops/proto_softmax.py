@@ -1,0 +1,1 @@
+"""Prototype-assignment softmax ops (issue 4)."""
