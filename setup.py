@@ -58,8 +58,8 @@ def _extension():
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     sources = ["csrc/register.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     define = [("PYPROTOCLIP_PYTHON_MODULE", None), ("TORCH_VERSION_STRING", f'"{torch.__version__}"')]
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    cxx = ["-O3", "-fopenmp"]
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define += [("WITH_CUDA", None), ("PYPROTOCLIP_CUDA_ARCHS", f'"{archs}"')]

@@ -43,6 +43,23 @@ inline void gemm_nt_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& o
   }
 }
 
+// Backward GEMMs of one block. coef (r, m) fp32 is dL/d(a_blk b^T):
+//   grad_a_blk (r, d) fp32  = coef @ b
+//   grad_b     (m, d) fp32 += coef^T @ a_blk
+// With half/bf16 operands (CUDA) coef is rounded to their dtype first so that the GEMMs run on
+// tensor cores, as flash-attention does for its dS; accumulation and outputs stay fp32.
+inline void backprop_block(const at::Tensor& coef, const at::Tensor& a_blk, const at::Tensor& b,
+                           at::Tensor grad_a_blk, at::Tensor& grad_b) {
+  if (a_blk.scalar_type() == at::kFloat) {
+    at::mm_out(grad_a_blk, coef, b);
+    grad_b.addmm_(coef.t(), a_blk);
+  } else {
+    const at::Tensor c = coef.to(a_blk.scalar_type());
+    at::mm_out(grad_a_blk, c, b, at::kFloat);
+    at::addmm_out(grad_b, grad_b, c.t(), a_blk, at::kFloat);
+  }
+}
+
 // View of the first `rows` rows of a preallocated (max_rows, cols) buffer.
 inline at::Tensor block_view(const at::Tensor& buffer, int64_t rows) {
   return buffer.narrow(0, 0, rows);

@@ -1,0 +1,36 @@
+// Vectorised row epilogues on fp32 blocks, shared by the CPU kernels of every op (log-sum-exp,
+// softmax coefficients, column statistics). Blocks hold raw dot products x; the logits a*x (a =
+// scale or 1/temperature) are formed on the fly, so no pass is spent rescaling the block.
+// Compiled for AVX-512 / AVX2 / baseline (target_clones): one binary, the widest vectors available.
+#pragma once
+
+#include <cstdint>
+
+namespace pyprotoclip::cpu {
+
+float max_value(const float* x, int64_t m);
+float min_value(const float* x, int64_t m);
+// max_j a*x[j]
+inline float max_affine(const float* x, int64_t m, float a) {
+  return a >= 0.0f ? a * max_value(x, m) : a * min_value(x, m);
+}
+// sum_j exp(a*x[j] - b)
+float sum_exp_affine(const float* x, int64_t m, float a, float b);
+// sum_j exp(a*x[j] - b) * x[j]
+float sum_exp_affine_times_x(const float* x, int64_t m, float a, float b);
+// out[j] = mul * exp(a*x[j] - b); out may alias x.
+void exp_affine(const float* x, float* out, int64_t m, float a, float b, float mul);
+// out[j] += mul[j] * exp(a*x[j] - b[j])  (per-column shift and weight)
+void add_exp_affine_cols(const float* x, float* out, int64_t m, float a, const float* b, const float* mul);
+// out[j] = mul * x[j]; out may alias x.
+void scale(const float* x, float* out, int64_t m, float mul);
+// sum_j x[j] * y[j]
+float dot(const float* x, const float* y, int64_t m);
+
+// Column-wise online log-sum-exp of a*x over the rows of a (rows, ld) block, for columns [c0, c1):
+// the running (col_max, col_sum) are updated so that col_max + log(col_sum) is the log-sum-exp of
+// every row seen so far in that column. Start from col_max = -inf, col_sum = 0.
+void column_lse_update(const float* block, int64_t rows, int64_t ld, int64_t c0, int64_t c1, float a,
+                       float* col_max, float* col_sum);
+
+}  // namespace pyprotoclip::cpu
