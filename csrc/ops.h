@@ -42,6 +42,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entrop
 
 // ---- prototype-assignment softmax (issue 4) --------------------------------------------
 // BEGIN proto_softmax declarations
+// features (n, d), prototypes (k, d) same dtype, temperature 0-d > 0. Exactly one target kind:
+// target_index (n,) int64 in [0, k) | target_probs (n, k) | teacher_features (n, dt) with
+// teacher_prototypes (k, dt) and teacher_temperature 0-d > 0 (q_i = softmax(T_i C^T / tau_t)).
+// Returns loss (n,) fp32 = -sum_j q_ij log softmax_j(F_i.P_j / tau), lse (n,) fp32 of F P^T / tau, and
+// teacher_lse (n,) fp32 (teacher mode) or (0,).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
+    const at::Tensor& features, const at::Tensor& prototypes, const at::Tensor& temperature,
+    const std::optional<at::Tensor>& target_index, const std::optional<at::Tensor>& target_probs,
+    const std::optional<at::Tensor>& teacher_features, const std::optional<at::Tensor>& teacher_prototypes,
+    const std::optional<at::Tensor>& teacher_temperature);
+// grad_loss (n,), grad_lse (n,) or none -> grad_features (n, d) features.dtype, grad_prototypes (k, d),
+// grad_temperature 0-d temperature.dtype; outputs masked off by output_mask are zeros.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cpu(
+    const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse, const at::Tensor& features,
+    const at::Tensor& prototypes, const at::Tensor& temperature, const std::optional<at::Tensor>& target_index,
+    const std::optional<at::Tensor>& target_probs, const std::optional<at::Tensor>& teacher_features,
+    const std::optional<at::Tensor>& teacher_prototypes, const std::optional<at::Tensor>& teacher_temperature,
+    const at::Tensor& lse, const at::Tensor& teacher_lse, std::array<bool, 3> output_mask);
+// probabilities (n, k) features.dtype = softmax_j(F_i.P_j / tau)
+at::Tensor proto_assign_cpu(const at::Tensor& features, const at::Tensor& prototypes, const at::Tensor& temperature);
+// the topk largest probabilities per row, (n, topk) features.dtype, sorted, and their indices (n, topk) int64
+std::tuple<at::Tensor, at::Tensor> proto_assign_topk_cpu(const at::Tensor& features, const at::Tensor& prototypes,
+                                                         const at::Tensor& temperature, int64_t topk);
+// grad_probs, probs (n, k) -> grad_features (n, d), grad_prototypes (k, d), grad_temperature 0-d
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cpu(
+    const at::Tensor& grad_probs, const at::Tensor& probs, const at::Tensor& features, const at::Tensor& prototypes,
+    const at::Tensor& temperature, std::array<bool, 3> output_mask);
+#ifdef WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cuda(
+    const at::Tensor& features, const at::Tensor& prototypes, const at::Tensor& temperature,
+    const std::optional<at::Tensor>& target_index, const std::optional<at::Tensor>& target_probs,
+    const std::optional<at::Tensor>& teacher_features, const std::optional<at::Tensor>& teacher_prototypes,
+    const std::optional<at::Tensor>& teacher_temperature);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cuda(
+    const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse, const at::Tensor& features,
+    const at::Tensor& prototypes, const at::Tensor& temperature, const std::optional<at::Tensor>& target_index,
+    const std::optional<at::Tensor>& target_probs, const std::optional<at::Tensor>& teacher_features,
+    const std::optional<at::Tensor>& teacher_prototypes, const std::optional<at::Tensor>& teacher_temperature,
+    const at::Tensor& lse, const at::Tensor& teacher_lse, std::array<bool, 3> output_mask);
+at::Tensor proto_assign_cuda(const at::Tensor& features, const at::Tensor& prototypes, const at::Tensor& temperature);
+std::tuple<at::Tensor, at::Tensor> proto_assign_topk_cuda(const at::Tensor& features, const at::Tensor& prototypes,
+                                                          const at::Tensor& temperature, int64_t topk);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cuda(
+    const at::Tensor& grad_probs, const at::Tensor& probs, const at::Tensor& features, const at::Tensor& prototypes,
+    const at::Tensor& temperature, std::array<bool, 3> output_mask);
+#endif
 // END proto_softmax declarations
 
 // ---- k-means update (issue 5) ------------------------------------------------------------

@@ -34,6 +34,21 @@ TORCH_LIBRARY(pyprotoclip, m) {
       "_symmetric_similarity_cross_entropy_backward(Tensor grad_rows, Tensor grad_cols, Tensor q, Tensor k, "
       "Tensor scale, Tensor lse_rows, Tensor lse_cols) -> (Tensor grad_q, Tensor grad_k, Tensor grad_scale)");
   // BEGIN proto_softmax schemas
+  m.def(
+      "proto_softmax_loss(Tensor features, Tensor prototypes, Tensor temperature, Tensor? target_index, "
+      "Tensor? target_probs, Tensor? teacher_features, Tensor? teacher_prototypes, Tensor? teacher_temperature) "
+      "-> (Tensor loss, Tensor lse, Tensor teacher_lse)");
+  m.def(
+      "_proto_softmax_loss_backward(Tensor grad_loss, Tensor? grad_lse, Tensor features, Tensor prototypes, "
+      "Tensor temperature, Tensor? target_index, Tensor? target_probs, Tensor? teacher_features, "
+      "Tensor? teacher_prototypes, Tensor? teacher_temperature, Tensor lse, Tensor teacher_lse, bool[3] output_mask) "
+      "-> (Tensor grad_features, Tensor grad_prototypes, Tensor grad_temperature)");
+  m.def("proto_assign(Tensor features, Tensor prototypes, Tensor temperature) -> Tensor");
+  m.def("proto_assign_topk(Tensor features, Tensor prototypes, Tensor temperature, int k) -> (Tensor values, Tensor indices)");
+  m.def(
+      "_proto_assign_backward(Tensor grad_probs, Tensor probs, Tensor features, Tensor prototypes, "
+      "Tensor temperature, bool[3] output_mask) -> (Tensor grad_features, Tensor grad_prototypes, "
+      "Tensor grad_temperature)");
   // END proto_softmax schemas
   // BEGIN kmeans schemas
   // END kmeans schemas

@@ -1,2 +1,391 @@
-// proto_softmax CPU kernels: filled in by the proto_softmax issue.
+// Prototype-assignment softmax on CPU: p_i = softmax_j(F_i.P_j / tau) for features F (n, d) and
+// prototypes P (k, d), its top-k, and the fused loss -sum_j q_ij log p_ij against hard, soft or teacher
+// (q_i = softmax_j(T_i.C_j / tau_t)) targets.
+// Tiling: row blocks of F against all of P (tiling.h), one BLAS GEMM per block into a reusable fp32
+// buffer of raw dots, per-row epilogues in parallel (rowops.h). A block always holds whole rows, so each
+// log-sum-exp is two passes (max, sum of exp) over one row that is in cache: the result an online
+// log-sum-exp would give, without its rescaling exps. Saves the (n,) fp32 student (and teacher) lse for
+// backward, which recomputes each block. Memory: O((n + k) d + block), never O(n k), except the output
+// of proto_assign itself.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
 #include "../ops.h"
+#include "../tiling.h"
+#include "rowops.h"
+
+namespace pyprotoclip {
+namespace {
+
+// Rows of a block handed to one task: at least this many logits per task, so that a task's
+// work outweighs scheduling it when k is small.
+constexpr int64_t kGrainLogits = int64_t(1) << 15;
+
+int64_t row_grain(int64_t k) { return std::max<int64_t>(1, kGrainLogits / std::max<int64_t>(k, 1)); }
+
+enum class Mode { kHard, kSoft, kTeacher };
+
+struct Targets {
+  Mode mode;
+  at::Tensor index;  // (n,) int64, hard
+  at::Tensor probs;  // (n, k) any float dtype, soft
+  at::Tensor tf;     // (n, dt) fp32, teacher features
+  at::Tensor tc;     // (k, dt) fp32, teacher prototypes
+  float inv_tau_t = 1.0f;
+};
+
+void check_features(const char* op, const at::Tensor& f, const at::Tensor& p, const at::Tensor& temperature) {
+  TORCH_CHECK(f.dim() == 2, op, ": features: expected a 2-D tensor (n, d), got ", f.sizes());
+  TORCH_CHECK(p.dim() == 2, op, ": prototypes: expected a 2-D tensor (k, d), got ", p.sizes());
+  TORCH_CHECK(f.size(1) == p.size(1), op, ": prototypes: expected feature size ", f.size(1), " (as features), got ",
+              p.size(1));
+  TORCH_CHECK(at::isFloatingType(f.scalar_type()), op, ": features: expected a floating dtype, got ",
+              f.scalar_type());
+  TORCH_CHECK(f.scalar_type() == p.scalar_type(), op, ": prototypes: expected dtype ", f.scalar_type(), ", got ",
+              p.scalar_type());
+  TORCH_CHECK(f.device() == p.device(), op, ": prototypes: expected device ", f.device(), ", got ", p.device());
+  TORCH_CHECK(p.size(0) > 0, op, ": prototypes: expected at least one row");
+  TORCH_CHECK(temperature.numel() == 1, op, ": temperature: expected a scalar tensor, got ", temperature.sizes());
+}
+
+float positive_value(const char* op, const char* name, const at::Tensor& t) {
+  const float v = t.to(at::kFloat).item<float>();
+  TORCH_CHECK(std::isfinite(v) && v > 0.0f, op, ": ", name, ": expected a finite value > 0, got ", v);
+  return v;
+}
+
+// Exactly one target kind; checked so that a direct torch.ops call can never read out of bounds.
+Targets check_targets(const char* op, int64_t n, int64_t k, const std::optional<at::Tensor>& target_index,
+                      const std::optional<at::Tensor>& target_probs, const std::optional<at::Tensor>& teacher_features,
+                      const std::optional<at::Tensor>& teacher_prototypes,
+                      const std::optional<at::Tensor>& teacher_temperature) {
+  const int given = int(target_index.has_value()) + int(target_probs.has_value()) + int(teacher_features.has_value());
+  TORCH_CHECK(given == 1, op, ": target_index: expected exactly one of target_index, target_probs, teacher_features");
+  Targets t;
+  if (target_index) {
+    t.mode = Mode::kHard;
+    const auto& ti = *target_index;
+    TORCH_CHECK(ti.dim() == 1 && ti.size(0) == n, op, ": target_index: expected shape (", n, ",), got ", ti.sizes());
+    TORCH_CHECK(ti.scalar_type() == at::kLong, op, ": target_index: expected int64, got ", ti.scalar_type());
+    if (n > 0) {
+      const auto lo = ti.min().item<int64_t>(), hi = ti.max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi < k, op, ": target_index: expected values in [0, ", k, "), got [", lo, ", ", hi, "]");
+    }
+    t.index = ti.contiguous();
+  } else if (target_probs) {
+    t.mode = Mode::kSoft;
+    const auto& tp = *target_probs;
+    TORCH_CHECK(tp.dim() == 2 && tp.size(0) == n && tp.size(1) == k, op, ": target_probs: expected shape (", n, ", ",
+                k, "), got ", tp.sizes());
+    TORCH_CHECK(at::isFloatingType(tp.scalar_type()), op, ": target_probs: expected a floating dtype, got ",
+                tp.scalar_type());
+    t.probs = tp;
+  } else {
+    t.mode = Mode::kTeacher;
+    TORCH_CHECK(teacher_prototypes.has_value() && teacher_temperature.has_value(), op,
+                ": teacher_prototypes: expected teacher_prototypes and teacher_temperature with teacher_features");
+    const auto &tf = *teacher_features, &tc = *teacher_prototypes;
+    TORCH_CHECK(tf.dim() == 2 && tf.size(0) == n, op, ": teacher_features: expected shape (", n, ", dt), got ",
+                tf.sizes());
+    TORCH_CHECK(tc.dim() == 2 && tc.size(0) == k && tc.size(1) == tf.size(1), op,
+                ": teacher_prototypes: expected shape (", k, ", ", tf.size(1), "), got ", tc.sizes());
+    TORCH_CHECK(at::isFloatingType(tf.scalar_type()) && at::isFloatingType(tc.scalar_type()), op,
+                ": teacher_features: expected floating dtypes");
+    TORCH_CHECK(teacher_temperature->numel() == 1, op, ": teacher_temperature: expected a scalar tensor");
+    t.inv_tau_t = 1.0f / positive_value(op, "teacher_temperature", *teacher_temperature);
+    t.tf = gemm_operand(tf);
+    t.tc = gemm_operand(tc);
+  }
+  return t;
+}
+
+// Rows per block: the teacher needs a second (rows, k) buffer, so each gets half the budget.
+int64_t rows_for(const Targets& t, int64_t n, int64_t k) {
+  return block_rows(n, k, t.mode == Mode::kTeacher ? kBlockElems / 2 : kBlockElems);
+}
+
+// sum_j x[j]
+float row_sum(const float* x, int64_t m) {
+  float s = 0.0f;
+  for (int64_t j = 0; j < m; ++j) s += x[j];
+  return s;
+}
+
+// out[j] -= mul * y[j]
+void sub_scaled(float* out, const float* y, int64_t m, float mul) {
+  for (int64_t j = 0; j < m; ++j) out[j] -= mul * y[j];
+}
+
+// log-sum-exp_j a * x[j] of a raw-dot row
+float row_lse(const float* x, int64_t m, float a) {
+  const float mx = cpu::max_affine(x, m, a);
+  return mx + std::log(cpu::sum_exp_affine(x, m, a, mx));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
+    const at::Tensor& features, const at::Tensor& prototypes, const at::Tensor& temperature,
+    const std::optional<at::Tensor>& target_index, const std::optional<at::Tensor>& target_probs,
+    const std::optional<at::Tensor>& teacher_features, const std::optional<at::Tensor>& teacher_prototypes,
+    const std::optional<at::Tensor>& teacher_temperature) {
+  const char* op = "proto_softmax_loss";
+  check_features(op, features, prototypes, temperature);
+  const int64_t n = features.size(0), k = prototypes.size(0);
+  const Targets tg = check_targets(op, n, k, target_index, target_probs, teacher_features, teacher_prototypes,
+                                   teacher_temperature);
+  const auto f32 = features.options().dtype(at::kFloat);
+  auto loss = at::empty({n}, f32), lse = at::empty({n}, f32);
+  auto teacher_lse = at::empty({tg.mode == Mode::kTeacher ? n : 0}, f32);
+  if (n == 0) return {loss, lse, teacher_lse};
+  const float it = 1.0f / positive_value(op, "temperature", temperature);
+  const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
+  float *loss_p = loss.data_ptr<float>(), *lse_p = lse.data_ptr<float>();
+  float* tlse_p = tg.mode == Mode::kTeacher ? teacher_lse.data_ptr<float>() : nullptr;
+  const int64_t* idx_p = tg.mode == Mode::kHard ? tg.index.data_ptr<int64_t>() : nullptr;
+  const int64_t rows = rows_for(tg, n, k);
+  auto buffer = at::empty({rows, k}, f32);
+  auto tbuffer = tg.mode == Mode::kTeacher ? at::empty({rows, k}, f32) : at::Tensor();
+  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
+    auto blk = block_view(buffer, r1 - r0);
+    gemm_nt_into(ff.narrow(0, r0, r1 - r0), pf, blk);  // raw dots x_ij; a_ij = x_ij / tau
+    const float* b = blk.data_ptr<float>();
+    at::Tensor q;  // (rows, k) fp32: soft targets, or the teacher's raw dots
+    if (tg.mode == Mode::kSoft) q = tg.probs.narrow(0, r0, r1 - r0).to(at::kFloat).contiguous();
+    if (tg.mode == Mode::kTeacher) {
+      q = block_view(tbuffer, r1 - r0);
+      gemm_nt_into(tg.tf.narrow(0, r0, r1 - r0), tg.tc, q);
+    }
+    float* qb = q.defined() ? q.data_ptr<float>() : nullptr;
+    at::parallel_for(0, r1 - r0, row_grain(k), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const float* row = b + i * k;
+        const int64_t gi = r0 + i;
+        const float l = row_lse(row, k, it);
+        lse_p[gi] = l;
+        // loss_i = -sum_j q_ij (a_ij - lse_i) = (sum_j q_ij) lse_i - sum_j q_ij a_ij
+        switch (tg.mode) {
+          case Mode::kHard:
+            loss_p[gi] = l - it * row[idx_p[gi]];
+            break;
+          case Mode::kSoft: {
+            const float* qr = qb + i * k;
+            loss_p[gi] = row_sum(qr, k) * l - it * cpu::dot(qr, row, k);
+            break;
+          }
+          case Mode::kTeacher: {
+            // q_ij = exp(x^t_ij / tau_t - lse^t_i) sums to 1 by construction
+            float* tr = qb + i * k;
+            const float tl = row_lse(tr, k, tg.inv_tau_t);
+            tlse_p[gi] = tl;
+            cpu::exp_affine(tr, tr, k, tg.inv_tau_t, tl, 1.0f);
+            loss_p[gi] = l - it * cpu::dot(tr, row, k);
+            break;
+          }
+        }
+      }
+    });
+  });
+  return {loss, lse, teacher_lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cpu(
+    const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse, const at::Tensor& features,
+    const at::Tensor& prototypes, const at::Tensor& temperature, const std::optional<at::Tensor>& target_index,
+    const std::optional<at::Tensor>& target_probs, const std::optional<at::Tensor>& teacher_features,
+    const std::optional<at::Tensor>& teacher_prototypes, const std::optional<at::Tensor>& teacher_temperature,
+    const at::Tensor& lse, const at::Tensor& teacher_lse, std::array<bool, 3> output_mask) {
+  const char* op = "_proto_softmax_loss_backward";
+  check_features(op, features, prototypes, temperature);
+  const int64_t n = features.size(0), k = prototypes.size(0), d = features.size(1);
+  const Targets tg = check_targets(op, n, k, target_index, target_probs, teacher_features, teacher_prototypes,
+                                   teacher_temperature);
+  TORCH_CHECK(grad_loss.numel() == n && lse.numel() == n, op, ": grad_loss, lse: expected ", n, " values");
+  TORCH_CHECK(!grad_lse || grad_lse->numel() == n, op, ": grad_lse: expected ", n, " values");
+  TORCH_CHECK(tg.mode != Mode::kTeacher || teacher_lse.numel() == n, op, ": teacher_lse: expected ", n, " values");
+  const auto f32 = features.options().dtype(at::kFloat);
+  const bool need_f = output_mask[0], need_p = output_mask[1], need_t = output_mask[2];
+  auto grad_f = at::zeros({n, d}, f32), grad_p = at::zeros({k, d}, f32);
+  std::vector<double> tau_terms(n, 0.0);
+  float it = 1.0f;
+  if (n > 0 && (need_f || need_p || need_t)) {
+    it = 1.0f / positive_value(op, "temperature", temperature);
+    const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
+    const auto gl = grad_loss.to(at::kFloat).contiguous(), ls = lse.to(at::kFloat).contiguous();
+    const auto gs = grad_lse ? grad_lse->to(at::kFloat).contiguous() : at::Tensor();
+    const auto tls = tg.mode == Mode::kTeacher ? teacher_lse.to(at::kFloat).contiguous() : at::Tensor();
+    const float *glp = gl.data_ptr<float>(), *lp = ls.data_ptr<float>();
+    const float* gsp = gs.defined() ? gs.data_ptr<float>() : nullptr;
+    const float* tlp = tls.defined() ? tls.data_ptr<float>() : nullptr;
+    const int64_t* idx_p = tg.mode == Mode::kHard ? tg.index.data_ptr<int64_t>() : nullptr;
+    const int64_t rows = rows_for(tg, n, k);
+    auto buffer = at::empty({rows, k}, f32);
+    auto tbuffer = tg.mode == Mode::kTeacher ? at::empty({rows, k}, f32) : at::Tensor();
+    for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
+      auto blk = block_view(buffer, r1 - r0);
+      const auto f_blk = ff.narrow(0, r0, r1 - r0);
+      gemm_nt_into(f_blk, pf, blk);
+      float* b = blk.data_ptr<float>();
+      at::Tensor q;
+      if (tg.mode == Mode::kSoft) q = tg.probs.narrow(0, r0, r1 - r0).to(at::kFloat).contiguous();
+      if (tg.mode == Mode::kTeacher) {
+        q = block_view(tbuffer, r1 - r0);
+        gemm_nt_into(tg.tf.narrow(0, r0, r1 - r0), tg.tc, q);
+      }
+      float* qb = q.defined() ? q.data_ptr<float>() : nullptr;
+      at::parallel_for(0, r1 - r0, row_grain(k), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          float* row = b + i * k;
+          const int64_t gi = r0 + i;
+          const float w = glp[gi], v = gsp ? gsp[gi] : 0.0f;
+          // With a = x / tau, p = softmax(a), s_i = sum_j q_ij and loss_i = s_i lse_i - sum_j q_ij a_ij:
+          // g_ij = dL/da_ij = (w_i s_i + v_i) p_ij - w_i q_ij (v_i: gradient reaching lse_i),
+          // dL/dx_ij = g_ij / tau, dL/dtau = -(1/tau) sum_ij g_ij a_ij = -(1/tau^2) sum_ij g_ij x_ij.
+          float* qr = nullptr;
+          float s = 1.0f;
+          if (tg.mode == Mode::kSoft) {
+            qr = qb + i * k;
+            s = row_sum(qr, k);
+          } else if (tg.mode == Mode::kTeacher) {
+            qr = qb + i * k;
+            cpu::exp_affine(qr, qr, k, tg.inv_tau_t, tlp[gi], 1.0f);
+          }
+          const float cp = w * s + v;
+          double g_dot_x = 0.0;
+          if (need_t) {
+            g_dot_x = double(cp) * cpu::sum_exp_affine_times_x(row, k, it, lp[gi]);
+            if (qr) g_dot_x -= double(w) * cpu::dot(qr, row, k);
+            if (tg.mode == Mode::kHard) g_dot_x -= double(w) * row[idx_p[gi]];
+            tau_terms[gi] = g_dot_x;
+          }
+          if (need_f || need_p) {
+            cpu::exp_affine(row, row, k, it, lp[gi], cp * it);  // row <- cp p / tau
+            if (qr) sub_scaled(row, qr, k, w * it);
+            if (tg.mode == Mode::kHard) row[idx_p[gi]] -= w * it;
+          }
+        }
+      });
+      if (need_f || need_p) {
+        if (need_p) {
+          backprop_block(blk, f_blk, pf, grad_f.narrow(0, r0, r1 - r0), grad_p);
+        } else {
+          auto gf = grad_f.narrow(0, r0, r1 - r0);
+          at::mm_out(gf, blk, pf);
+        }
+      }
+    });
+  }
+  double gt = 0.0;
+  for (double t : tau_terms) gt += t;
+  auto grad_t = at::full({}, -gt * double(it) * double(it), f32);
+  return {grad_f.to(features.scalar_type()), grad_p.to(prototypes.scalar_type()),
+          grad_t.to(temperature.scalar_type())};
+}
+
+at::Tensor proto_assign_cpu(const at::Tensor& features, const at::Tensor& prototypes, const at::Tensor& temperature) {
+  const char* op = "proto_assign";
+  check_features(op, features, prototypes, temperature);
+  const int64_t n = features.size(0), k = prototypes.size(0);
+  auto out = at::empty({n, k}, features.options());
+  if (n == 0) return out;
+  const float it = 1.0f / positive_value(op, "temperature", temperature);
+  const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
+  const bool direct = out.scalar_type() == at::kFloat;  // fp32: the output rows are the block
+  const int64_t rows = block_rows(n, k);
+  auto buffer = direct ? at::Tensor() : at::empty({rows, k}, ff.options());
+  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
+    auto blk = direct ? out.narrow(0, r0, r1 - r0) : block_view(buffer, r1 - r0);
+    gemm_nt_into(ff.narrow(0, r0, r1 - r0), pf, blk);
+    float* b = blk.data_ptr<float>();
+    at::parallel_for(0, r1 - r0, row_grain(k), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        float* row = b + i * k;
+        cpu::exp_affine(row, row, k, it, row_lse(row, k, it), 1.0f);
+      }
+    });
+    if (!direct) out.narrow(0, r0, r1 - r0).copy_(blk);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> proto_assign_topk_cpu(const at::Tensor& features, const at::Tensor& prototypes,
+                                                         const at::Tensor& temperature, int64_t topk) {
+  const char* op = "proto_assign_topk";
+  check_features(op, features, prototypes, temperature);
+  const int64_t n = features.size(0), k = prototypes.size(0);
+  TORCH_CHECK(topk >= 1 && topk <= k, op, ": k: expected a value in [1, ", k, "], got ", topk);
+  auto values = at::empty({n, topk}, features.options());
+  auto indices = at::empty({n, topk}, features.options().dtype(at::kLong));
+  if (n == 0) return {values, indices};
+  const float it = 1.0f / positive_value(op, "temperature", temperature);
+  const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
+  const int64_t rows = block_rows(n, k);
+  auto buffer = at::empty({rows, k}, ff.options());
+  auto lse = at::empty({rows, 1}, ff.options());
+  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
+    auto blk = block_view(buffer, r1 - r0);
+    auto l = block_view(lse, r1 - r0);
+    gemm_nt_into(ff.narrow(0, r0, r1 - r0), pf, blk);
+    const float* b = blk.data_ptr<float>();
+    float* lp = l.data_ptr<float>();
+    at::parallel_for(0, r1 - r0, row_grain(k), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) lp[i] = row_lse(b + i * k, k, it);
+    });
+    // the largest dots are the largest probabilities (tau > 0); only those k are exponentiated
+    auto [top, idx] = at::topk(blk, topk, 1, /*largest=*/true, /*sorted=*/true);
+    values.narrow(0, r0, r1 - r0).copy_(at::exp(top * it - l));
+    indices.narrow(0, r0, r1 - r0).copy_(idx);
+  });
+  return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cpu(
+    const at::Tensor& grad_probs, const at::Tensor& probs, const at::Tensor& features, const at::Tensor& prototypes,
+    const at::Tensor& temperature, std::array<bool, 3> output_mask) {
+  const char* op = "_proto_assign_backward";
+  check_features(op, features, prototypes, temperature);
+  const int64_t n = features.size(0), k = prototypes.size(0), d = features.size(1);
+  TORCH_CHECK(grad_probs.dim() == 2 && grad_probs.size(0) == n && grad_probs.size(1) == k, op,
+              ": grad_probs: expected shape (", n, ", ", k, "), got ", grad_probs.sizes());
+  TORCH_CHECK(probs.dim() == 2 && probs.size(0) == n && probs.size(1) == k, op, ": probs: expected shape (", n, ", ",
+              k, "), got ", probs.sizes());
+  const auto f32 = features.options().dtype(at::kFloat);
+  auto grad_f = at::zeros({n, d}, f32), grad_p = at::zeros({k, d}, f32);
+  double tau_acc = 0.0;
+  float it = 1.0f;
+  if (n > 0) {
+    it = 1.0f / positive_value(op, "temperature", temperature);
+    const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
+    const int64_t rows = block_rows(n, k);
+    for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
+      const auto f_blk = ff.narrow(0, r0, r1 - r0);
+      const auto p = probs.narrow(0, r0, r1 - r0).to(at::kFloat);
+      const auto g = grad_probs.narrow(0, r0, r1 - r0).to(at::kFloat);
+      // softmax backward: dL/da_ij = p_ij (g_ij - sum_l g_il p_il); a = x / tau
+      auto ga = (g - (g * p).sum(1, true)).mul_(p);
+      if (output_mask[2]) tau_acc += (ga * at::mm(f_blk, pf.t())).sum().item<double>();
+      if (output_mask[0] || output_mask[1]) {
+        ga.mul_(it);
+        backprop_block(ga, f_blk, pf, grad_f.narrow(0, r0, r1 - r0), grad_p);
+      }
+    });
+  }
+  auto grad_t = at::full({}, -tau_acc * double(it) * double(it), f32);
+  return {grad_f.to(features.scalar_type()), grad_p.to(prototypes.scalar_type()),
+          grad_t.to(temperature.scalar_type())};
+}
+
+TORCH_LIBRARY_IMPL(pyprotoclip, CPU, m) {
+  m.impl("proto_softmax_loss", &proto_softmax_loss_cpu);
+  m.impl("_proto_softmax_loss_backward", &proto_softmax_loss_backward_cpu);
+  m.impl("proto_assign", &proto_assign_cpu);
+  m.impl("proto_assign_topk", &proto_assign_topk_cpu);
+  m.impl("_proto_assign_backward", &proto_assign_backward_cpu);
+}
+
+}  // namespace pyprotoclip

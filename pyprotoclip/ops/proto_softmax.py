@@ -1,1 +1,245 @@
-"""Prototype-assignment softmax ops (issue 4)."""
+"""Prototype-assignment softmax: ``p_i = softmax_j(F_i . P_j / tau)`` for features F (B, d) and prototypes
+P (K, d), its top-k, and the fused cross-entropy ``-sum_j q_ij log p_ij`` against hard, soft or teacher
+targets (ProtoCLIP's prototype losses, PALM's MLE loss) without forming the (B, K) matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyprotoclip import _library
+from pyprotoclip.ops import _backend, _checks, reference
+
+_OPS_LOADED = _library.load()[0] is not None
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _validate_features(features: object, prototypes: object) -> tuple[torch.Tensor, torch.Tensor]:
+    features = _checks.float_matrix("features", features)
+    prototypes = _checks.float_matrix("prototypes", prototypes)
+    _checks.same_device([("features", features), ("prototypes", prototypes)])
+    _checks.same_dtype([("features", features), ("prototypes", prototypes)])
+    _checks.same_width([("features", features), ("prototypes", prototypes)])
+    _checks.finite("features", features)
+    _checks.finite("prototypes", prototypes)
+    return features, prototypes
+
+
+def proto_assign(
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    temperature: torch.Tensor | float,
+    *,
+    topk: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Assignment probabilities ``p_ij = softmax_j(F_i . P_j / tau)``.
+
+    features: (B, d) float32/bfloat16/float16.  prototypes: (K, d), same dtype and device.
+    temperature: tau > 0, a float or a 0-d tensor (may require grad).
+    Returns the (B, K) probabilities in ``features.dtype`` (computed in fp32), differentiable w.r.t.
+    features, prototypes and temperature. With ``topk=k`` (1 <= k <= K) returns ``(values, indices)``,
+    each (B, k): the k largest probabilities of each row, sorted, exact (not renormalised), in
+    ``features.dtype``, and their int64 prototype indices; not differentiable. The top-k path never
+    forms the (B, K) matrix: extra memory is O(B k + block).
+    """
+    features, prototypes = _validate_features(features, prototypes)
+    temperature = _checks.scalar("temperature", temperature, features.device, positive=True)
+    chosen = _backend.resolve(backend, features.device, "proto_assign")
+    if topk is not None:
+        num = prototypes.shape[0]
+        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= num:
+            raise ValueError(f"topk: expected an int in [1, {num}] (the number of prototypes), got {topk!r}")
+        features, prototypes, temperature = features.detach(), prototypes.detach(), temperature.detach()
+        if chosen == "reference":
+            return reference.proto_assign_topk(features, prototypes, temperature, topk)
+        return torch.ops.pyprotoclip.proto_assign_topk(features, prototypes, temperature, topk)
+    if chosen == "reference":
+        return reference.proto_assign(features, prototypes, temperature)
+    return torch.ops.pyprotoclip.proto_assign(features, prototypes, temperature)
+
+
+def _validate_target(target: object, features: torch.Tensor, num: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(target_index, target_probs): exactly one is set."""
+    target = _checks.tensor("target", target)
+    batch = features.shape[0]
+    if target.device != features.device:
+        raise ValueError(f"target: expected device {features.device} (as features), got {target.device}")
+    if target.dtype == torch.int64:
+        if target.dim() != 1 or target.shape[0] != batch:
+            raise ValueError(f"target: expected int64 indices of shape ({batch},), got {tuple(target.shape)}")
+        if _checks.value_checks_enabled() and batch > 0:
+            lo, hi = int(target.min()), int(target.max())
+            if lo < 0 or hi >= num:
+                raise ValueError(f"target: expected indices in [0, {num}) (the number of prototypes), got [{lo}, {hi}]")
+        return target, None
+    if target.dtype in _checks.FLOAT_DTYPES:
+        if target.dim() != 2 or tuple(target.shape) != (batch, num):
+            raise ValueError(
+                f"target: expected probabilities of shape ({batch}, {num}) (features rows, prototypes rows), "
+                f"got {tuple(target.shape)}"
+            )
+        _checks.finite("target", target)
+        if _checks.value_checks_enabled() and batch > 0:
+            if bool((target < 0).any()):
+                raise ValueError("target: expected each row to be a distribution, found negative entries")
+            # a distribution rounded to bf16/fp16 entry by entry may be off by ~1e-2 in total
+            tol = 1e-3 if target.dtype in (torch.float32, torch.float64) else 2e-2
+            dev = (target.double().sum(dim=1) - 1).abs().max().item()
+            if dev > tol:
+                raise ValueError(f"target: expected each row to sum to 1 (within {tol}), found a row off by {dev:.3g}")
+        return None, target
+    raise ValueError(f"target: expected int64 indices (B,) or float probabilities (B, K), got dtype {target.dtype}")
+
+
+def proto_cross_entropy(
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    temperature: torch.Tensor | float,
+    *,
+    target: torch.Tensor | None = None,
+    teacher_features: torch.Tensor | None = None,
+    teacher_prototypes: torch.Tensor | None = None,
+    teacher_temperature: torch.Tensor | float | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of the assignment distribution against a target, fused:
+
+        loss_i = -sum_j q_ij log p_ij,   p_i = softmax_j(F_i . P_j / tau)
+
+    features: (B, d) float32/bfloat16/float16.  prototypes: (K, d), same dtype and device.
+    temperature: tau > 0, a float or a 0-d tensor (may require grad).
+    The target q is one of
+      * hard: ``target`` (B,) int64 in [0, K), q_i = one-hot(target_i);
+      * soft: ``target`` (B, K) float, each row a distribution;
+      * teacher: ``teacher_features`` T (B, dt) and ``teacher_prototypes`` C (K, dt) (float, same dtype)
+        with ``teacher_temperature`` tau_t > 0: q_i = softmax_j(T_i . C_j / tau_t), computed in the kernel.
+    reduction: "mean" (0-d, mean over rows), "sum" (0-d) or "none" ((B,) per row). float32 result.
+    Gradients flow to features, prototypes and temperature; never to the target or the teacher side.
+    Memory: O((B + K) d + block), never O(B K) (soft targets are themselves (B, K)); the backward
+    recomputes the logits block by block from the saved per-row log-sum-exps.
+    """
+    features, prototypes = _validate_features(features, prototypes)
+    temperature = _checks.scalar("temperature", temperature, features.device, positive=True)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    num = prototypes.shape[0]
+    teacher_given = teacher_features is not None or teacher_prototypes is not None or teacher_temperature is not None
+    target_index = target_probs = t_feat = t_proto = t_temp = None
+    if target is not None and teacher_given:
+        raise ValueError("target: expected either target or teacher_features/teacher_prototypes/teacher_temperature, got both")
+    if target is not None:
+        target_index, target_probs = _validate_target(target, features, num)
+    elif teacher_given:
+        if teacher_features is None:
+            raise ValueError("teacher_features: expected a (B, dt) tensor with teacher_prototypes, got None")
+        if teacher_prototypes is None:
+            raise ValueError("teacher_prototypes: expected a (K, dt) tensor with teacher_features, got None")
+        if teacher_temperature is None:
+            raise ValueError("teacher_temperature: expected a value > 0 with teacher_features, got None")
+        t_feat = _checks.float_matrix("teacher_features", teacher_features).detach()
+        t_proto = _checks.float_matrix("teacher_prototypes", teacher_prototypes).detach()
+        named = [("features", features), ("teacher_features", t_feat), ("teacher_prototypes", t_proto)]
+        _checks.same_device(named)
+        _checks.same_dtype(named[1:])
+        _checks.same_width(named[1:])
+        if t_feat.shape[0] != features.shape[0]:
+            raise ValueError(
+                f"teacher_features: expected {features.shape[0]} rows (as features), got shape {tuple(t_feat.shape)}"
+            )
+        if t_proto.shape[0] != num:
+            raise ValueError(
+                f"teacher_prototypes: expected {num} rows (as prototypes), got shape {tuple(t_proto.shape)}"
+            )
+        _checks.finite("teacher_features", t_feat)
+        _checks.finite("teacher_prototypes", t_proto)
+        t_temp = _checks.scalar("teacher_temperature", teacher_temperature, features.device, positive=True).detach()
+    else:
+        raise ValueError("target: expected target (B,) int64 or (B, K) probabilities, or teacher_features, got neither")
+
+    args = (features, prototypes, temperature, target_index, target_probs, t_feat, t_proto, t_temp)
+    if _backend.resolve(backend, features.device, "proto_cross_entropy") == "reference":
+        loss = reference.proto_softmax_loss(*args)[0]
+    else:
+        loss = torch.ops.pyprotoclip.proto_softmax_loss(*args)[0]
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+# ---- fakes and autograd for the compiled ops ---------------------------------------------------
+
+if _OPS_LOADED:
+
+    @torch.library.register_fake("pyprotoclip::proto_softmax_loss")
+    def _proto_softmax_loss_fake(
+        features, prototypes, temperature, target_index, target_probs, teacher_features, teacher_prototypes,
+        teacher_temperature,
+    ):
+        torch._check(features.shape[1] == prototypes.shape[1])
+        n = features.shape[0]
+        f32 = torch.float32
+        teacher_n = n if teacher_features is not None else 0
+        return features.new_empty((n,), dtype=f32), features.new_empty((n,), dtype=f32), features.new_empty(
+            (teacher_n,), dtype=f32
+        )
+
+    @torch.library.register_fake("pyprotoclip::_proto_softmax_loss_backward")
+    def _proto_softmax_loss_backward_fake(
+        grad_loss, grad_lse, features, prototypes, temperature, target_index, target_probs, teacher_features,
+        teacher_prototypes, teacher_temperature, lse, teacher_lse, output_mask,
+    ):
+        return features.new_empty(features.shape), prototypes.new_empty(prototypes.shape), temperature.new_empty(())
+
+    def _setup_loss(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, output[1], output[2])
+        ctx.mark_non_differentiable(output[2])  # the teacher side is a constant
+
+    def _backward_loss(ctx, grad_loss, grad_lse, _grad_teacher_lse):
+        (features, prototypes, temperature, target_index, target_probs, t_feat, t_proto, t_temp, lse,
+         teacher_lse) = ctx.saved_tensors
+        if grad_loss is None:
+            grad_loss = torch.zeros_like(lse)
+        grad_f, grad_p, grad_t = torch.ops.pyprotoclip._proto_softmax_loss_backward(
+            grad_loss.contiguous(), None if grad_lse is None else grad_lse.contiguous(), features, prototypes,
+            temperature, target_index, target_probs, t_feat, t_proto, t_temp, lse, teacher_lse,
+            list(ctx.needs_input_grad[:3]),
+        )
+        grads = [g if need else None for g, need in zip((grad_f, grad_p, grad_t), ctx.needs_input_grad[:3])]
+        return (*grads, None, None, None, None, None)
+
+    torch.library.register_autograd("pyprotoclip::proto_softmax_loss", _backward_loss, setup_context=_setup_loss)
+
+    @torch.library.register_fake("pyprotoclip::proto_assign")
+    def _proto_assign_fake(features, prototypes, temperature):
+        torch._check(features.shape[1] == prototypes.shape[1])
+        return features.new_empty((features.shape[0], prototypes.shape[0]))
+
+    @torch.library.register_fake("pyprotoclip::proto_assign_topk")
+    def _proto_assign_topk_fake(features, prototypes, temperature, k):
+        torch._check(features.shape[1] == prototypes.shape[1])
+        torch._check(1 <= k)
+        torch._check(k <= prototypes.shape[0])
+        n = features.shape[0]
+        return features.new_empty((n, k)), features.new_empty((n, k), dtype=torch.int64)
+
+    @torch.library.register_fake("pyprotoclip::_proto_assign_backward")
+    def _proto_assign_backward_fake(grad_probs, probs, features, prototypes, temperature, output_mask):
+        return features.new_empty(features.shape), prototypes.new_empty(prototypes.shape), temperature.new_empty(())
+
+    def _setup_assign(ctx, inputs, output):
+        features, prototypes, temperature = inputs
+        ctx.save_for_backward(output, features, prototypes, temperature)
+
+    def _backward_assign(ctx, grad_probs):
+        probs, features, prototypes, temperature = ctx.saved_tensors
+        grads = torch.ops.pyprotoclip._proto_assign_backward(
+            grad_probs.contiguous(), probs, features, prototypes, temperature, list(ctx.needs_input_grad[:3])
+        )
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:3]))
+
+    torch.library.register_autograd("pyprotoclip::proto_assign", _backward_assign, setup_context=_setup_assign)

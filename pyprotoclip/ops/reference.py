@@ -52,6 +52,57 @@ def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
 
 # ---- prototype-assignment softmax -------------------------------------------------------
 # BEGIN proto_softmax reference
+
+
+def proto_assign(features: torch.Tensor, prototypes: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """``softmax_j(F_i . P_j / tau)``: (n, k) probabilities in ``features.dtype``. Differentiable."""
+    logits = (_acc(features) @ _acc(prototypes).t()) / _acc(temperature)
+    return torch.softmax(logits, dim=1).to(features.dtype)
+
+
+def proto_assign_topk(
+    features: torch.Tensor, prototypes: torch.Tensor, temperature: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest probabilities of each row of ``proto_assign`` (sorted, not renormalised) and
+    their int64 indices, each (n, k)."""
+    logits = (_acc(features) @ _acc(prototypes).t()) / _acc(temperature)
+    values, indices = torch.softmax(logits, dim=1).topk(k, dim=1)
+    return values.to(features.dtype), indices
+
+
+def proto_softmax_loss(
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    temperature: torch.Tensor,
+    target_index: torch.Tensor | None = None,
+    target_probs: torch.Tensor | None = None,
+    teacher_features: torch.Tensor | None = None,
+    teacher_prototypes: torch.Tensor | None = None,
+    teacher_temperature: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``-sum_j q_ij log p_ij`` with ``p_i = softmax(F_i P^T / tau)``; q is one-hot(target_index),
+    target_probs, or ``softmax(T_i C^T / tau_t)``. Returns loss (n,), lse (n,) and teacher_lse ((n,) in
+    teacher mode, else (0,)). Differentiable w.r.t. features, prototypes and temperature only: targets and
+    the teacher side are constants."""
+    logits = (_acc(features) @ _acc(prototypes).t()) / _acc(temperature)  # (n, k)
+    lse = torch.logsumexp(logits, dim=1)
+    log_p = logits - lse[:, None]
+    teacher_lse = logits.new_empty((0,))
+    if target_index is not None:
+        loss = -log_p.gather(1, target_index.view(-1, 1)).squeeze(1)
+    else:
+        if target_probs is not None:
+            q = _acc(target_probs.detach())
+        else:
+            t_logits = (_acc(teacher_features.detach()) @ _acc(teacher_prototypes.detach()).t()) / _acc(
+                teacher_temperature.detach()
+            )
+            teacher_lse = torch.logsumexp(t_logits, dim=1)
+            q = torch.softmax(t_logits, dim=1)
+        loss = -(q * log_p).sum(dim=1)
+    return loss, lse, teacher_lse
+
+
 # END proto_softmax reference
 
 # ---- k-means update ---------------------------------------------------------------------
