@@ -41,6 +41,22 @@ def _want_cuda() -> bool:
     return possible
 
 
+def _pip_cuda_includes() -> list[str]:
+    """Header folders of the nvidia-* wheels torch depends on (cuSPARSE, cuBLAS, ...).
+
+    torch's CUDA headers include them, and a bare nvcc install (no full toolkit) may not have them.
+    """
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for root in nvidia.__path__:
+        found += sorted(glob.glob(os.path.join(root, "*", "include")))
+        found += sorted(glob.glob(os.path.join(root, "include")))
+    return [path for path in found if os.path.isdir(path)]
+
+
 def _write_build_info(with_cuda: bool, archs: str) -> None:
     """Record what this build is, so the package can refuse to load a mismatched library cleanly."""
     info = {
@@ -68,7 +84,7 @@ def _extension():
     return kind(
         name="pyprotoclip._C",
         sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=[os.path.join(ROOT, "csrc")] + (_pip_cuda_includes() if with_cuda else []),
         define_macros=define,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
         extra_link_args=["-fopenmp"],

@@ -13,6 +13,9 @@ namespace pyprotoclip {
 // A block holds at most this many fp32 values (32 MiB): large enough that each GEMM keeps BLAS
 // efficient (>= 64 rows against any realistic m), small enough to stay O(tile), never O(n * m).
 constexpr int64_t kBlockElems = int64_t(8) << 20;
+// On GPUs a block may hold 64M fp32 values (256 MiB): big GEMMs keep the tensor cores busy, and
+// that is still under 1 byte per logit for the 32k x 32k problems the op is meant for.
+constexpr int64_t kBlockElemsCuda = int64_t(64) << 20;
 // Never fewer rows than this per block, so that tiny-m problems still make few GEMM calls.
 constexpr int64_t kMinBlockRows = 16;
 
@@ -20,6 +23,10 @@ constexpr int64_t kMinBlockRows = 16;
 inline int64_t block_rows(int64_t n, int64_t cols, int64_t budget = kBlockElems) {
   const int64_t rows = std::max<int64_t>(kMinBlockRows, budget / std::max<int64_t>(cols, 1));
   return std::max<int64_t>(1, std::min<int64_t>(n, rows));
+}
+
+inline int64_t block_rows(int64_t n, int64_t cols, const at::Tensor& like) {
+  return block_rows(n, cols, like.is_cuda() ? kBlockElemsCuda : kBlockElems);
 }
 
 // Calls fn(r0, r1) for consecutive row blocks [r0, r1) covering [0, n).

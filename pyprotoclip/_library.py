@@ -53,12 +53,22 @@ def library_path() -> str | None:
     return getattr(module, "__file__", None)
 
 
-def compiled_devices() -> set[str]:
-    """Device types the compiled kernels were built for (subset of {'cpu', 'cuda'})."""
-    module, _ = load()
-    if module is None:
-        return set()
-    return {"cpu", "cuda"} if module.build_info()["cuda"] else {"cpu"}
+_compiled_devices: frozenset[str] | None = None
+
+
+def compiled_devices() -> frozenset[str]:
+    """Device types the compiled kernels were built for (subset of {'cpu', 'cuda'}).
+
+    Computed once and then read from a global, so torch.compile traces it as a constant.
+    """
+    global _compiled_devices
+    if _compiled_devices is None:
+        module, _ = load()
+        if module is None:
+            _compiled_devices = frozenset()
+        else:
+            _compiled_devices = frozenset({"cpu", "cuda"} if module.build_info()["cuda"] else {"cpu"})
+    return _compiled_devices
 
 
 def build_info() -> dict[str, Any]:

@@ -10,53 +10,28 @@
 #include <vector>
 
 #include "../ops.h"
+#include "../similarity_checks.h"
 #include "../tiling.h"
 #include "rowops.h"
 
 namespace pyprotoclip {
-namespace {
-
-void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale) {
-  TORCH_CHECK(q.dim() == 2, op, ": q: expected a 2-D tensor (n, d), got ", q.sizes());
-  TORCH_CHECK(k.dim() == 2, op, ": k: expected a 2-D tensor (m, d), got ", k.sizes());
-  TORCH_CHECK(q.size(1) == k.size(1), op, ": k: expected feature size ", q.size(1), " (as q), got ", k.size(1));
-  TORCH_CHECK(q.scalar_type() == k.scalar_type(), op, ": k: expected dtype ", q.scalar_type(), ", got ",
-              k.scalar_type());
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), op, ": q: expected a floating dtype, got ", q.scalar_type());
-  TORCH_CHECK(scale.numel() == 1, op, ": scale: expected a scalar tensor, got ", scale.sizes());
-  TORCH_CHECK(q.device() == k.device(), op, ": k: expected device ", q.device(), ", got ", k.device());
-}
-
-void check_targets(const char* op, const at::Tensor& targets, int64_t n, int64_t m) {
-  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == n, op, ": targets: expected shape (", n, ",), got ",
-              targets.sizes());
-  TORCH_CHECK(targets.scalar_type() == at::kLong, op, ": targets: expected int64, got ", targets.scalar_type());
-  if (n > 0) {
-    const auto lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < m, op, ": targets: expected values in [0, ", m, "), got [", lo, ", ", hi, "]");
-  }
-}
-
-float scale_value(const at::Tensor& scale) { return scale.to(at::kFloat).item<float>(); }
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                 const at::Tensor& targets, const at::Tensor& scale) {
-  check_inputs("similarity_cross_entropy", q, k, scale);
+  check_similarity_inputs("similarity_cross_entropy", q, k, scale);
   const int64_t n = q.size(0), m = k.size(0);
   check_targets("similarity_cross_entropy", targets, n, m);
   auto loss = at::empty({n}, q.options().dtype(at::kFloat));
   auto lse = at::empty({n}, q.options().dtype(at::kFloat));
   if (n == 0) return {loss, lse};
   TORCH_CHECK(m > 0, "similarity_cross_entropy: k: expected at least one row");
-  const float s = scale_value(scale);
+  const float s = scale.to(at::kFloat).item<float>();
   const auto qf = gemm_operand(q), kf = gemm_operand(k);
   const auto t = targets.contiguous();
   const int64_t* tp = t.data_ptr<int64_t>();
   float* loss_p = loss.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
-  const int64_t rows = block_rows(n, m);
+  const int64_t rows = block_rows(n, m, q);
   auto buffer = at::empty({rows, m}, qf.options());
   for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
     auto blk = block_view(buffer, r1 - r0);
@@ -78,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy_cpu(const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k, const at::Tensor& targets,
     const at::Tensor& scale, const at::Tensor& lse) {
-  check_inputs("_similarity_cross_entropy_backward", q, k, scale);
+  check_similarity_inputs("_similarity_cross_entropy_backward", q, k, scale);
   const int64_t n = q.size(0), m = k.size(0), d = q.size(1);
   check_targets("_similarity_cross_entropy_backward", targets, n, m);
   TORCH_CHECK(grad_loss.numel() == n && lse.numel() == n,
@@ -87,13 +62,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
   auto grad_k = at::zeros({m, d}, q.options().dtype(at::kFloat));
   std::vector<double> scale_terms(n, 0.0);
   if (n > 0 && m > 0) {
-    const float s = scale_value(scale);
+    const float s = scale.to(at::kFloat).item<float>();
     const auto qf = gemm_operand(q), kf = gemm_operand(k);
     const auto g = grad_loss.to(at::kFloat).contiguous(), l = lse.to(at::kFloat).contiguous();
     const auto t = targets.contiguous();
     const float *gp = g.data_ptr<float>(), *lp = l.data_ptr<float>();
     const int64_t* tp = t.data_ptr<int64_t>();
-    const int64_t rows = block_rows(n, m);
+    const int64_t rows = block_rows(n, m, q);
     auto buffer = at::empty({rows, m}, qf.options());
     for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
       auto blk = block_view(buffer, r1 - r0);
@@ -125,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entropy_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale) {
-  check_inputs("symmetric_similarity_cross_entropy", q, k, scale);
+  check_similarity_inputs("symmetric_similarity_cross_entropy", q, k, scale);
   const int64_t n = q.size(0);
   TORCH_CHECK(k.size(0) == n, "symmetric_similarity_cross_entropy: k: expected ", n, " rows (as q), got ",
               k.size(0));
@@ -133,14 +108,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_
   auto loss_rows = at::empty({n}, f32), loss_cols = at::empty({n}, f32);
   auto lse_rows = at::empty({n}, f32), lse_cols = at::empty({n}, f32);
   if (n == 0) return {loss_rows, loss_cols, lse_rows, lse_cols};
-  const float s = scale_value(scale);
+  const float s = scale.to(at::kFloat).item<float>();
   const auto qf = gemm_operand(q), kf = gemm_operand(k);
   auto col_max = at::full({n}, -std::numeric_limits<float>::infinity(), f32);
   auto col_sum = at::zeros({n}, f32);
   auto diag = at::empty({n}, f32);
   float *cm = col_max.data_ptr<float>(), *cs = col_sum.data_ptr<float>(), *dg = diag.data_ptr<float>();
   float *lr = lse_rows.data_ptr<float>(), *lc = lse_cols.data_ptr<float>();
-  const int64_t rows = block_rows(n, n);
+  const int64_t rows = block_rows(n, n, q);
   auto buffer = at::empty({rows, n}, qf.options());
   for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
     auto blk = block_view(buffer, r1 - r0);
@@ -168,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_
 std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entropy_backward_cpu(
     const at::Tensor& grad_rows, const at::Tensor& grad_cols, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& scale, const at::Tensor& lse_rows, const at::Tensor& lse_cols) {
-  check_inputs("_symmetric_similarity_cross_entropy_backward", q, k, scale);
+  check_similarity_inputs("_symmetric_similarity_cross_entropy_backward", q, k, scale);
   const int64_t n = q.size(0), d = q.size(1);
   TORCH_CHECK(k.size(0) == n && grad_rows.numel() == n && grad_cols.numel() == n && lse_rows.numel() == n &&
                   lse_cols.numel() == n,
@@ -177,13 +152,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entrop
   auto grad_q = at::zeros({n, d}, f32), grad_k = at::zeros({n, d}, f32);
   std::vector<double> scale_terms(n, 0.0);
   if (n > 0) {
-    const float s = scale_value(scale);
+    const float s = scale.to(at::kFloat).item<float>();
     const auto qf = gemm_operand(q), kf = gemm_operand(k);
     const auto gr = grad_rows.to(at::kFloat).contiguous(), gc = grad_cols.to(at::kFloat).contiguous();
     const auto lr = lse_rows.to(at::kFloat).contiguous(), lc = lse_cols.to(at::kFloat).contiguous();
     const float *grp = gr.data_ptr<float>(), *gcp = gc.data_ptr<float>();
     const float *lrp = lr.data_ptr<float>(), *lcp = lc.data_ptr<float>();
-    const int64_t rows = block_rows(n, n);
+    const int64_t rows = block_rows(n, n, q);
     auto buffer = at::empty({rows, n}, qf.options());
     for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
       auto blk = block_view(buffer, r1 - r0);

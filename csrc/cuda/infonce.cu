@@ -1,0 +1,226 @@
+// Similarity cross-entropy on CUDA: per row i of S = scale * q k^T, lse_i - S[i, t_i].
+// Tiling: row blocks of q against all of k (tiling.h); each block is one cuBLAS GEMM (tensor cores
+// for bf16/fp16, fp32 output) followed by a fused epilogue kernel that reads the block once. Saves
+// the (n,) fp32 lse for backward, which recomputes each block and turns it into dL/dx in place.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../ops.h"
+#include "../similarity_checks.h"
+#include "../tiling.h"
+#include "reduce.cuh"
+
+namespace pyprotoclip {
+namespace {
+
+using cuda::MaxSum;
+
+constexpr int kRowThreads = 256;   // one CTA per row: m is large (>= thousands), 256 threads stream it
+constexpr int kColThreads = 256;   // column-statistics kernel: one thread per column
+constexpr int kElemThreads = 256;  // elementwise backward kernel
+
+// Forward epilogue: lse_i and loss_i = lse_i - s x[i, t_i] for the rows of one block.
+// A target outside [0, m) gives NaN (and trips the device assert in debug builds).
+__global__ void row_lse_kernel(const float* __restrict__ block, int64_t m, const float* __restrict__ scale,
+                               const int64_t* __restrict__ targets, float* __restrict__ lse,
+                               float* __restrict__ loss, float* __restrict__ diag, int64_t diag_offset) {
+  __shared__ MaxSum shared[32];
+  const int64_t i = blockIdx.x;
+  const float s = *scale;
+  const float* row = block + i * m;
+  MaxSum acc{-INFINITY, 0.0f};
+  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) acc = cuda::combine(acc, MaxSum{s * row[j], 1.0f});
+  acc = cuda::block_reduce(acc, shared);
+  if (threadIdx.x == 0) {
+    const float l = acc.max + logf(acc.sum);
+    lse[i] = l;
+    if (targets != nullptr) {
+      const int64_t t = targets[i];
+      CUDA_KERNEL_ASSERT(t >= 0 && t < m);
+      loss[i] = (t >= 0 && t < m) ? l - s * row[t] : NAN;
+    }
+    if (diag != nullptr) diag[i] = s * row[diag_offset + i];
+  }
+}
+
+// Symmetric forward: online column log-sum-exp over the rows of one block, one thread per column.
+__global__ void column_lse_kernel(const float* __restrict__ block, int64_t rows, int64_t m,
+                                  const float* __restrict__ scale, float* __restrict__ col_max,
+                                  float* __restrict__ col_sum) {
+  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (j >= m) return;
+  const float s = *scale;
+  MaxSum acc{col_max[j], col_sum[j]};
+  for (int64_t i = 0; i < rows; ++i) acc = cuda::combine(acc, MaxSum{s * block[i * m + j], 1.0f});
+  col_max[j] = acc.max;
+  col_sum[j] = acc.sum;
+}
+
+// Backward epilogue, in place: x_ij -> dL/dx_ij = s * dL/dS_ij, with
+//   dL/dS_ij = g_i (exp(S_ij - lse_i) - [j == t_i])                       (generic: col_grad == nullptr)
+//            + g'_j (exp(S_ij - lse'_j) - [j == diag_offset + i])         (symmetric: column direction)
+// and accumulates dL/ds = sum_ij dL/dS_ij x_ij into *grad_scale.
+__global__ void backward_block_kernel(float* __restrict__ block, int64_t rows, int64_t m,
+                                      const float* __restrict__ scale, const float* __restrict__ row_grad,
+                                      const float* __restrict__ row_lse, const int64_t* __restrict__ targets,
+                                      const float* __restrict__ col_grad, const float* __restrict__ col_lse,
+                                      int64_t diag_offset, float* __restrict__ grad_scale) {
+  __shared__ float shared[32];
+  const float s = *scale;
+  const int64_t total = rows * m;
+  float scale_acc = 0.0f;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = e / m, j = e % m;
+    const float x = block[e];
+    const float logit = s * x;
+    const int64_t target = targets != nullptr ? targets[i] : diag_offset + i;
+    float coef = row_grad[i] * (__expf(logit - row_lse[i]) - (j == target ? 1.0f : 0.0f));
+    if (col_grad != nullptr) coef += col_grad[j] * (__expf(logit - col_lse[j]) - (j == diag_offset + i ? 1.0f : 0.0f));
+    scale_acc += coef * x;
+    block[e] = s * coef;
+  }
+  scale_acc = cuda::block_sum(scale_acc, shared);
+  if (threadIdx.x == 0) atomicAdd(grad_scale, scale_acc);
+}
+
+int elementwise_grid(int64_t total) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((total + kElemThreads - 1) / kElemThreads, sms * 8)));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& targets, const at::Tensor& scale) {
+  check_similarity_inputs("similarity_cross_entropy", q, k, scale);
+  const int64_t n = q.size(0), m = k.size(0);
+  check_targets("similarity_cross_entropy", targets, n, m);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto loss = at::empty({n}, q.options().dtype(at::kFloat));
+  auto lse = at::empty({n}, q.options().dtype(at::kFloat));
+  if (n == 0) return {loss, lse};
+  TORCH_CHECK(m > 0, "similarity_cross_entropy: k: expected at least one row");
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto qc = gemm_operand(q), kc = gemm_operand(k), t = targets.contiguous();
+  const auto s = scale.to(at::kFloat).reshape({1}).contiguous();
+  const int64_t rows = block_rows(n, m, q);
+  auto buffer = at::empty({rows, m}, q.options().dtype(at::kFloat));
+  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
+    auto blk = block_view(buffer, r1 - r0);
+    gemm_nt_into(qc.narrow(0, r0, r1 - r0), kc, blk);
+    row_lse_kernel<<<r1 - r0, kRowThreads, 0, stream>>>(blk.data_ptr<float>(), m, s.data_ptr<float>(),
+                                                         t.data_ptr<int64_t>() + r0, lse.data_ptr<float>() + r0,
+                                                         loss.data_ptr<float>() + r0, nullptr, 0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k, const at::Tensor& targets,
+    const at::Tensor& scale, const at::Tensor& lse) {
+  check_similarity_inputs("_similarity_cross_entropy_backward", q, k, scale);
+  const int64_t n = q.size(0), m = k.size(0), d = q.size(1);
+  check_targets("_similarity_cross_entropy_backward", targets, n, m);
+  TORCH_CHECK(grad_loss.numel() == n && lse.numel() == n,
+              "_similarity_cross_entropy_backward: grad_loss, lse: expected ", n, " values");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto f32 = q.options().dtype(at::kFloat);
+  auto grad_q = at::zeros({n, d}, f32), grad_k = at::zeros({m, d}, f32), grad_scale = at::zeros({1}, f32);
+  if (n > 0 && m > 0) {
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    const auto qc = gemm_operand(q), kc = gemm_operand(k), t = targets.contiguous();
+    const auto s = scale.to(at::kFloat).reshape({1}).contiguous();
+    const auto g = grad_loss.to(at::kFloat).contiguous(), l = lse.to(at::kFloat).contiguous();
+    const int64_t rows = block_rows(n, m, q);
+    auto buffer = at::empty({rows, m}, f32);
+    for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
+      auto blk = block_view(buffer, r1 - r0);
+      const auto q_blk = qc.narrow(0, r0, r1 - r0);
+      gemm_nt_into(q_blk, kc, blk);
+      const int64_t total = (r1 - r0) * m;
+      backward_block_kernel<<<elementwise_grid(total), kElemThreads, 0, stream>>>(
+          blk.data_ptr<float>(), r1 - r0, m, s.data_ptr<float>(), g.data_ptr<float>() + r0,
+          l.data_ptr<float>() + r0, t.data_ptr<int64_t>() + r0, nullptr, nullptr, 0, grad_scale.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      backprop_block(blk, q_blk, kc, grad_q.narrow(0, r0, r1 - r0), grad_k);
+    });
+  }
+  return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_scale.reshape({}).to(scale.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entropy_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale) {
+  check_similarity_inputs("symmetric_similarity_cross_entropy", q, k, scale);
+  const int64_t n = q.size(0);
+  TORCH_CHECK(k.size(0) == n, "symmetric_similarity_cross_entropy: k: expected ", n, " rows (as q), got ",
+              k.size(0));
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto f32 = q.options().dtype(at::kFloat);
+  auto lse_rows = at::empty({n}, f32), diag = at::empty({n}, f32);
+  auto col_max = at::full({n}, -INFINITY, f32), col_sum = at::zeros({n}, f32);
+  if (n == 0) return {lse_rows, lse_rows.clone(), lse_rows.clone(), lse_rows.clone()};
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto qc = gemm_operand(q), kc = gemm_operand(k);
+  const auto s = scale.to(at::kFloat).reshape({1}).contiguous();
+  const int64_t rows = block_rows(n, n, q);
+  auto buffer = at::empty({rows, n}, f32);
+  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
+    auto blk = block_view(buffer, r1 - r0);
+    gemm_nt_into(qc.narrow(0, r0, r1 - r0), kc, blk);
+    row_lse_kernel<<<r1 - r0, kRowThreads, 0, stream>>>(blk.data_ptr<float>(), n, s.data_ptr<float>(), nullptr,
+                                                         lse_rows.data_ptr<float>() + r0, nullptr,
+                                                         diag.data_ptr<float>() + r0, r0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    column_lse_kernel<<<(n + kColThreads - 1) / kColThreads, kColThreads, 0, stream>>>(
+        blk.data_ptr<float>(), r1 - r0, n, s.data_ptr<float>(), col_max.data_ptr<float>(), col_sum.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  auto lse_cols = col_max + col_sum.log();
+  return {lse_rows - diag, lse_cols - diag, lse_rows, lse_cols};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entropy_backward_cuda(
+    const at::Tensor& grad_rows, const at::Tensor& grad_cols, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& scale, const at::Tensor& lse_rows, const at::Tensor& lse_cols) {
+  check_similarity_inputs("_symmetric_similarity_cross_entropy_backward", q, k, scale);
+  const int64_t n = q.size(0), d = q.size(1);
+  TORCH_CHECK(k.size(0) == n && grad_rows.numel() == n && grad_cols.numel() == n && lse_rows.numel() == n &&
+                  lse_cols.numel() == n,
+              "_symmetric_similarity_cross_entropy_backward: expected k, grads and lse with ", n, " rows");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto f32 = q.options().dtype(at::kFloat);
+  auto grad_q = at::zeros({n, d}, f32), grad_k = at::zeros({n, d}, f32), grad_scale = at::zeros({1}, f32);
+  if (n > 0) {
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    const auto qc = gemm_operand(q), kc = gemm_operand(k);
+    const auto s = scale.to(at::kFloat).reshape({1}).contiguous();
+    const auto gr = grad_rows.to(at::kFloat).contiguous(), gc = grad_cols.to(at::kFloat).contiguous();
+    const auto lr = lse_rows.to(at::kFloat).contiguous(), lc = lse_cols.to(at::kFloat).contiguous();
+    const int64_t rows = block_rows(n, n, q);
+    auto buffer = at::empty({rows, n}, f32);
+    for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
+      auto blk = block_view(buffer, r1 - r0);
+      const auto q_blk = qc.narrow(0, r0, r1 - r0);
+      gemm_nt_into(q_blk, kc, blk);
+      const int64_t total = (r1 - r0) * n;
+      backward_block_kernel<<<elementwise_grid(total), kElemThreads, 0, stream>>>(
+          blk.data_ptr<float>(), r1 - r0, n, s.data_ptr<float>(), gr.data_ptr<float>() + r0,
+          lr.data_ptr<float>() + r0, nullptr, gc.data_ptr<float>(), lc.data_ptr<float>(), r0,
+          grad_scale.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      backprop_block(blk, q_blk, kc, grad_q.narrow(0, r0, r1 - r0), grad_k);
+    });
+  }
+  return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_scale.reshape({}).to(scale.scalar_type())};
+}
+
+TORCH_LIBRARY_IMPL(pyprotoclip, CUDA, m) {
+  m.impl("similarity_cross_entropy", &similarity_cross_entropy_cuda);
+  m.impl("_similarity_cross_entropy_backward", &similarity_cross_entropy_backward_cuda);
+  m.impl("symmetric_similarity_cross_entropy", &symmetric_similarity_cross_entropy_cuda);
+  m.impl("_symmetric_similarity_cross_entropy_backward", &symmetric_similarity_cross_entropy_backward_cuda);
+}
+
+}  // namespace pyprotoclip

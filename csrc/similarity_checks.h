@@ -1,0 +1,31 @@
+// Preconditions of the similarity cross-entropy kernels, shared by the CPU and CUDA files: a direct
+// torch.ops.pyprotoclip call must fail with a message naming the argument, never read out of bounds.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace pyprotoclip {
+
+inline void check_similarity_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& scale) {
+  TORCH_CHECK(q.dim() == 2, op, ": q: expected a 2-D tensor (n, d), got ", q.sizes());
+  TORCH_CHECK(k.dim() == 2, op, ": k: expected a 2-D tensor (m, d), got ", k.sizes());
+  TORCH_CHECK(q.size(1) == k.size(1), op, ": k: expected feature size ", q.size(1), " (as q), got ", k.size(1));
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), op, ": k: expected dtype ", q.scalar_type(), ", got ",
+              k.scalar_type());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), op, ": q: expected a floating dtype, got ", q.scalar_type());
+  TORCH_CHECK(scale.numel() == 1, op, ": scale: expected a scalar tensor, got ", scale.sizes());
+  TORCH_CHECK(q.device() == k.device(), op, ": k: expected device ", q.device(), ", got ", k.device());
+}
+
+inline void check_targets(const char* op, const at::Tensor& targets, int64_t n, int64_t m) {
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == n, op, ": targets: expected shape (", n, ",), got ",
+              targets.sizes());
+  TORCH_CHECK(targets.scalar_type() == at::kLong, op, ": targets: expected int64, got ", targets.scalar_type());
+  // On CUDA the kernels check the range themselves (a host-side min/max would synchronise).
+  if (n > 0 && !targets.is_cuda()) {
+    const auto lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < m, op, ": targets: expected values in [0, ", m, "), got [", lo, ", ", hi, "]");
+  }
+}
+
+}  // namespace pyprotoclip
