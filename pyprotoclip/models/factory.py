@@ -1,0 +1,130 @@
+"""Model factory: open_clip architectures by name plus pyprotoclip's tiny built-in configs.
+
+Everything is offline: a model is randomly initialised unless ``pretrained`` names a local
+checkpoint file (an open_clip ``state_dict`` file or a pyprotoclip training checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")
+
+_registered = False
+
+
+def register_tiny_configs() -> None:
+    """Register the JSON configs in ``pyprotoclip/models/configs`` with open_clip (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    import open_clip
+
+    if not set(TINY_MODELS) <= set(open_clip.list_models()):
+        open_clip.add_model_config(CONFIG_DIR)
+    _registered = True
+
+
+def list_models() -> list[str]:
+    """Every architecture name ``create_model`` accepts (open_clip's plus the tiny ones)."""
+    register_tiny_configs()
+    import open_clip
+
+    return open_clip.list_models()
+
+
+def get_model_config(name: str) -> dict[str, Any]:
+    """The architecture config (a JSON-able dict) for ``name``; ValueError for an unknown name."""
+    register_tiny_configs()
+    import open_clip
+
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        close = [m for m in open_clip.list_models() if name.lower() in m.lower()][:8]
+        hint = f" (close: {', '.join(close)})" if close else f" (tiny built-ins: {', '.join(TINY_MODELS)})"
+        raise ValueError(f"model: unknown architecture {name!r}{hint}; see `open_clip.list_models()`")
+    return cfg
+
+
+def get_tokenizer(name: str) -> Callable[..., torch.Tensor]:
+    """open_clip's tokenizer for ``name``: ``tok(list_of_str) -> (n, context_length)`` int64."""
+    register_tiny_configs()
+    import open_clip
+
+    get_model_config(name)
+    return open_clip.get_tokenizer(name)
+
+
+def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained: no such checkpoint file {path!r} (give a local .pt/.bin file)")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise ValueError(f"pretrained: {path!r} does not hold a state dict")
+    # checkpoints written under DDP carry a "module." prefix
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: str | None = None,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    grad_checkpointing: bool = False,
+    seed: int | None = None,
+) -> tuple[torch.nn.Module, Callable, Callable, Callable]:
+    """Build ``(model, preprocess_train, preprocess_val, tokenizer)`` for an open_clip architecture.
+
+    name: an open_clip model name (``RN50``, ``ViT-B-32``, ...) or a tiny built-in (``tiny-vit``,
+    ``tiny-rn``: 64x64 images, context length 32). pretrained: a local checkpoint file loaded with
+    ``weights_only=True`` (no downloads). precision: one of PRECISIONS; ``pure_*``/``bf16``/``fp16``
+    cast the weights, ``amp*`` and ``fp32`` keep them fp32. The model's forward returns a dict
+    with ``image_features`` (B, D) and ``text_features`` (B, D), both L2-normalised, and
+    ``logit_scale`` = exp(t) (0-d).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    get_model_config(name)
+    import open_clip
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    weight_precision = precision if precision in ("bf16", "fp16", "pure_bf16", "pure_fp16") else "fp32"
+    import logging
+
+    # open_clip warns at WARNING level that random init happened; that is the point offline.
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=None, precision=weight_precision, device=device, output_dict=True
+        )
+    finally:
+        logger.setLevel(level)
+    if pretrained:
+        state = _load_state_dict_file(pretrained)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"pretrained: {pretrained!r} does not match architecture {name!r}: "
+                f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            )
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    tokenizer = open_clip.get_tokenizer(name)
+    return model, preprocess_train, preprocess_val, tokenizer

@@ -1,0 +1,82 @@
+"""Checkpoints: written atomically (temp file + ``os.replace``), read with ``weights_only=True``.
+
+A checkpoint is a plain dict of tensors and primitives: ``format``, ``step``, ``epoch`` (completed
+epochs), ``steps_per_epoch``, ``model`` (architecture name), ``model_cfg``, ``method``,
+``state_dict``, ``optimizer``, ``scaler``, ``scheduler``, ``rng`` (one entry per rank), ``params``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "pyprotoclip-train-v1"
+LATEST = "epoch_latest.pt"
+
+
+def save_checkpoint(obj: dict[str, Any], path: str) -> None:
+    """Write ``obj`` to ``path`` so that a reader never sees a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str, *, mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint: no such file {path!r}")
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def find_latest(checkpoint_dir: str) -> str | None:
+    """The checkpoint in ``checkpoint_dir`` with the highest step (``epoch_latest.pt`` or ``epoch_<N>.pt``)."""
+    candidates = [p for p in glob.glob(os.path.join(checkpoint_dir, "*.pt")) if re.search(r"epoch_(\d+|latest)\.pt$", p)]
+    if not candidates:
+        return None
+
+    def step_of(path: str) -> tuple[int, int]:
+        try:
+            step = int(load_checkpoint(path, mmap=True).get("step", -1))
+        except Exception:  # an unreadable file never wins
+            step = -1
+        return step, int(os.path.basename(path) == LATEST)
+
+    return max(candidates, key=step_of)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch, CUDA, numpy, python) in a weights_only-loadable form."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,56 @@
+"""``pyprotoclip train``: click options generated from ``pyprotoclip.train.params.FLAGS``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from pyprotoclip.train import params as P
+
+
+def _option(flag: P.Flag):
+    kwargs: dict[str, Any] = {"help": flag.help, "hidden": flag.hidden, "show_default": flag.default not in (None, "", False)}
+    if flag.type is bool:
+        return click.option(f"--{flag.name}", flag.key, is_flag=True, default=flag.default, **kwargs)
+    if isinstance(flag.type, tuple):
+        return click.option(f"--{flag.name}", flag.key, type=click.Choice(flag.type), default=flag.default, **kwargs)
+    if flag.name in ("config", "pretrained"):
+        return click.option(f"--{flag.name}", flag.key, type=click.Path(exists=True, dir_okay=False), default=None, **kwargs)
+    return click.option(f"--{flag.name}", flag.key, type=flag.type, default=flag.default, **kwargs)
+
+
+def _with_flags(fn):
+    for flag in reversed(P.FLAGS):
+        fn = _option(flag)(fn)
+    return fn
+
+
+def resolve_params(ctx: click.Context, given: dict[str, Any]) -> dict[str, Any]:
+    """Defaults < --config YAML < flags given on the command line."""
+    params = P.defaults()
+    if given.get("config"):
+        params.update(P.read_config_file(given["config"]))
+    for key, value in given.items():
+        if ctx.get_parameter_source(key) == click.core.ParameterSource.COMMANDLINE:
+            params[key] = value
+    return params
+
+
+@click.command(name="train", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@_with_flags
+@click.pass_context
+def train(ctx: click.Context, **given: Any) -> None:
+    """Train CLIP (CyCLIP and ProtoCLIP arrive with later issues) on webdataset shards.
+
+    Single process: `pyprotoclip train --train-data 'd/train/{00000..00009}.tar' --model tiny-vit ...`.
+    Several processes: `torchrun --nproc_per_node N -m pyprotoclip train ...` (gloo on CPU, NCCL on GPU).
+    Flags follow open_clip's names and defaults; see docs/training.md.
+    """
+    try:
+        params = resolve_params(ctx, given)
+        from pyprotoclip.train.trainer import run
+
+        run(params)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.UsageError(str(exc)) from None

@@ -1,0 +1,176 @@
+"""Training flags: one table drives the click options, the ``--config FILE.yaml`` keys and ``params.yaml``.
+
+Names and defaults follow open_clip's ``open_clip_train/params.py`` where the flag exists there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import yaml
+
+METHODS = ("clip", "cyclip", "protoclip")
+# which issue brings each method that is not implemented yet
+METHOD_ISSUES = {
+    "cyclip": "the CyCLIP issue (cyclic-consistency losses, pyprotoclip/losses/cyclip.py)",
+    "protoclip": "the ProtoCLIP issue (episodes, k-means prototypes, pyprotoclip/losses/protoclip.py)",
+}
+SCHEDULERS = ("cosine", "const", "const-cooldown")
+PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    name: str  # the flag without dashes, with dashes between words ("train-data")
+    type: Any  # int, float, str, bool (a switch) or a tuple of choices
+    default: Any
+    help: str
+    hidden: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.name.replace("-", "_")
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("config", str, None, "YAML file whose keys are these flags (dashes or underscores); command-line flags win."),
+    # data
+    Flag("train-data", str, None, "Training shards: brace-expanded webdataset spec(s) joined by '::'."),
+    Flag("val-data", str, None, "Validation shards (val loss, retrieval and, with class names beside them, zero-shot)."),
+    Flag("train-num-samples", int, None, "Samples per epoch (default: the sum in sizes.json beside the shards)."),
+    Flag("val-num-samples", int, None, "Validation samples (default: sizes.json)."),
+    Flag("dataset-resampled", bool, False, "Sample shards with replacement (an 'epoch' is then --train-num-samples)."),
+    Flag("workers", int, 4, "Data-loader worker processes per device."),
+    Flag("batch-size", int, 64, "Batch size per device (per process)."),
+    # optimisation
+    Flag("epochs", int, 32, "Number of epochs."),
+    Flag("lr", float, None, "Peak learning rate (default 5e-4, as open_clip)."),
+    Flag("beta1", float, None, "AdamW beta1 (default 0.9)."),
+    Flag("beta2", float, None, "AdamW beta2 (default 0.98 for ViT models, 0.999 otherwise)."),
+    Flag("eps", float, None, "AdamW epsilon (default 1e-6 for ViT models, 1e-8 otherwise)."),
+    Flag("wd", float, 0.2, "Weight decay (not applied to gains, biases, embeddings of norm layers, logit scale)."),
+    Flag("warmup", int, 10000, "Linear warm-up steps (optimizer steps)."),
+    Flag("lr-scheduler", tuple(SCHEDULERS), "cosine", "LR schedule after warm-up."),
+    Flag("epochs-cooldown", int, None, "const-cooldown: cool down over the last N epochs."),
+    Flag("lr-cooldown-end", float, 0.0, "const-cooldown: final learning rate."),
+    Flag("lr-cooldown-power", float, 1.0, "const-cooldown: power of the polynomial cool-down."),
+    Flag("grad-clip-norm", float, None, "Clip the global gradient norm to this value."),
+    Flag("accum-freq", int, 1, "Micro-batches per optimizer step (open_clip-style feature caching, exact gradient)."),
+    Flag("precision", tuple(PRECISIONS), "amp", "Floating point precision (amp on CPU runs fp32)."),
+    Flag("grad-checkpointing", bool, False, "Recompute activations in backward to save memory."),
+    # model
+    Flag("model", str, "RN50", "Architecture: an open_clip name or a tiny built-in (tiny-vit, tiny-rn)."),
+    Flag("pretrained", str, None, "Local checkpoint file to start from (loaded with weights_only=True)."),
+    Flag("method", tuple(METHODS), "clip", "Training objective."),
+    # logging and checkpoints
+    Flag("logs", str, "./logs/", "Where to write <logs>/<name>/."),
+    Flag("name", str, None, "Experiment name (default: date, model, lr, batch size, precision)."),
+    Flag("report-to", str, "", "Comma-separated loggers: 'tensorboard' (or '' for none)."),
+    Flag("log-every-n-steps", int, 100, "Console/tensorboard log interval in optimizer steps."),
+    Flag("save-frequency", int, 1, "Save epoch_<N>.pt every N epochs (0: never)."),
+    Flag("save-most-recent", bool, False, "Also keep checkpoints/epoch_latest.pt, updated every epoch."),
+    Flag("save-every-n-steps", int, 0, "Also update epoch_latest.pt every N optimizer steps (mid-epoch resume)."),
+    Flag("resume", str, None, "'latest' (newest checkpoint of --name) or a checkpoint path."),
+    Flag("seed", int, 0, "Random seed (model init, data order, augmentation)."),
+    Flag("val-frequency", int, 1, "Evaluate on --val-data every N epochs."),
+    Flag("zeroshot-frequency", int, 2, "Zero-shot evaluation on --val-data every N epochs (0: never)."),
+    Flag("device", ("auto", "cpu", "cuda"), "auto", "auto: cuda:<local rank> when CUDA is available, else CPU."),
+    Flag("dist-backend", str, None, "torch.distributed backend (default: nccl on GPU, gloo on CPU)."),
+    Flag("stop-after-steps", int, None, "Exit after this global step with a checkpoint, as if preempted (testing).", hidden=True),
+)
+FLAG_BY_KEY = {f.key: f for f in FLAGS}
+
+
+def defaults() -> dict[str, Any]:
+    return {f.key: f.default for f in FLAGS}
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Read a ``--config`` YAML file into {key_with_underscores: value}; ValueError on unknown keys."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config: no such file {path!r}")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config: {path!r} must hold a mapping of flag names to values, got {type(raw).__name__}")
+    out: dict[str, Any] = {}
+    for name, value in raw.items():
+        key = str(name).lstrip("-").replace("-", "_")
+        if key not in FLAG_BY_KEY or key == "config":
+            raise ValueError(f"config: unknown key {name!r} in {path!r} (keys are the `pyprotoclip train` flags)")
+        out[key] = coerce(FLAG_BY_KEY[key], value)
+    return out
+
+
+def coerce(flag: Flag, value: Any) -> Any:
+    """Check and convert a config-file value to the flag's type."""
+    if value is None:
+        return None
+    if isinstance(flag.type, tuple):
+        if value not in flag.type:
+            raise ValueError(f"{flag.name}: expected one of {', '.join(flag.type)}, got {value!r}")
+        return value
+    if flag.type is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag.name}: expected true/false, got {value!r}")
+        return value
+    if flag.type is str and isinstance(value, (list, tuple)) and flag.key == "report_to":
+        return ",".join(map(str, value))
+    try:
+        if flag.type is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return flag.type(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{flag.name}: expected {flag.type.__name__}, got {value!r}") from None
+
+
+def validate(p: dict[str, Any]) -> None:
+    """Cross-flag checks with messages that name the flag."""
+    if p["method"] != "clip":
+        raise ValueError(
+            f"method: --method {p['method']} is not implemented yet (it arrives with {METHOD_ISSUES[p['method']]}); "
+            "use --method clip"
+        )
+    if not p["train_data"]:
+        raise ValueError("train-data: required (brace-expanded shard spec, e.g. data/train/{00000..00009}.tar)")
+    for key in ("batch_size", "epochs", "accum_freq", "log_every_n_steps"):
+        if p[key] is None or p[key] < 1:
+            raise ValueError(f"{FLAG_BY_KEY[key].name}: expected a positive integer, got {p[key]!r}")
+    for key in ("workers", "warmup", "save_frequency", "save_every_n_steps", "val_frequency", "zeroshot_frequency"):
+        if p[key] is None or p[key] < 0:
+            raise ValueError(f"{FLAG_BY_KEY[key].name}: expected an integer >= 0, got {p[key]!r}")
+    if p["lr"] is not None and p["lr"] < 0:
+        raise ValueError(f"lr: expected >= 0, got {p['lr']}")
+    if p["grad_clip_norm"] is not None and p["grad_clip_norm"] <= 0:
+        raise ValueError(f"grad-clip-norm: expected > 0, got {p['grad_clip_norm']}")
+    if p["lr_scheduler"] == "const-cooldown" and not p["epochs_cooldown"]:
+        raise ValueError("epochs-cooldown: required with --lr-scheduler const-cooldown")
+    bad = [r for r in _report_to(p) if r not in ("tensorboard",)]
+    if bad:
+        raise ValueError(f"report-to: supported loggers are 'tensorboard', got {', '.join(bad)}")
+    if p["pretrained"] and not os.path.isfile(p["pretrained"]):
+        raise ValueError(f"pretrained: no such file {p['pretrained']!r} (downloads are not supported: give a local file)")
+
+
+def _report_to(p: dict[str, Any]) -> list[str]:
+    return [r.strip() for r in (p.get("report_to") or "").split(",") if r.strip()]
+
+
+def fill_model_defaults(p: dict[str, Any]) -> None:
+    """open_clip's per-architecture optimiser defaults (CLIP paper values)."""
+    vit = "vit" in p["model"].lower()
+    if p["lr"] is None:
+        p["lr"] = 5.0e-4
+    if p["beta1"] is None:
+        p["beta1"] = 0.9
+    if p["beta2"] is None:
+        p["beta2"] = 0.98 if vit else 0.999
+    if p["eps"] is None:
+        p["eps"] = 1.0e-6 if vit else 1.0e-8
+
+
+def dump_params(p: dict[str, Any], path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump({FLAG_BY_KEY[k].name if k in FLAG_BY_KEY else k: v for k, v in p.items()}, f, sort_keys=False)

@@ -1,0 +1,117 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pyprotoclip.train import checkpoint as ckpt
+from pyprotoclip.train import trainer
+
+HERE = os.path.dirname(__file__)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_two_step_run_writes_logs_and_checkpoints(fake_train):
+    s = fake_train(save_most_recent=True, report_to="tensorboard")
+    run_dir = s["run_dir"]
+    assert s["step"] == 2 and not s["interrupted"]
+    for name in ("params.yaml", "out.log", "results.jsonl", "checkpoints/epoch_1.pt", "checkpoints/epoch_latest.pt"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    assert os.listdir(os.path.join(run_dir, "tensorboard"))
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "results.jsonl"))]
+    train_rows = [r for r in rows if r["type"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2]
+    assert all(math.isfinite(r["contrastive_loss"]) and r["samples_per_s"] > 0 for r in train_rows)
+    log = open(os.path.join(run_dir, "out.log")).read()
+    assert "samples/s" in log and "data" in log and "contrastive_loss" in log
+    state = ckpt.load_checkpoint(os.path.join(run_dir, "checkpoints", "epoch_1.pt"))  # weights_only=True
+    assert state["step"] == 2 and state["model"] == "tiny-vit" and state["model_cfg"]["embed_dim"] == 128
+    assert 0.0 <= float(state["state_dict"]["logit_scale"]) <= math.log(100)
+    # no stray temp files from the atomic writes
+    assert not [f for f in os.listdir(os.path.join(run_dir, "checkpoints")) if ".tmp" in f]
+
+
+def test_logit_scale_is_clamped(fake_train):
+    # a huge lr pushes the scale up; it must stay <= ln(100) after every step
+    s = fake_train(lr=5.0, warmup=0)
+    assert float(s["model"].logit_scale.detach()) <= math.log(100) + 1e-6
+
+
+def test_existing_run_dir_needs_resume(fake_train):
+    fake_train()
+    with pytest.raises(ValueError, match="name: the run directory"):
+        fake_train()
+
+
+def test_resume_is_exact(fake_train):
+    full = _state(fake_train(name="full", epochs=2)["model"])
+    # interrupted mid-epoch 0 (after step 1 of 2), resumed, and run to the end
+    s = fake_train(name="cut", epochs=2, stop_after_steps=1)
+    assert s["interrupted"] and s["step"] == 1
+    resumed = fake_train(name="cut", epochs=2, resume="latest")
+    assert resumed["step"] == 4
+    got = _state(resumed["model"])
+    assert got.keys() == full.keys()
+    diff = [k for k in full if not torch.equal(full[k], got[k])]
+    assert not diff, f"{len(diff)} tensors differ after resume, e.g. {diff[:3]}"
+
+
+def test_resume_latest_without_checkpoint_starts_fresh(fake_train):
+    s = fake_train(name="fresh", resume="latest")
+    assert s["step"] == 2
+
+
+class _SGD0(torch.optim.SGD):
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+
+
+def test_accum_freq_gives_full_batch_gradient():
+    """accum_freq=2 on two micro-batches of 8 gives the gradient of one batch of 16, logit scale included."""
+    from pyprotoclip.models import create_model
+
+    model = create_model("tiny-vit")[0]
+    torch.manual_seed(0)
+    images, texts = torch.randn(16, 3, 64, 64), torch.randint(1, 1000, (16, 32))
+    grads = {}
+    for accum in (1, 2):
+        opt = _SGD0(model.parameters())
+        b = 16 // accum
+        batches = [{"image": images[i * b : (i + 1) * b], "text": texts[i * b : (i + 1) * b]} for i in range(accum)]
+        trainer._train_step(model, batches, opt, None, __import__("contextlib").nullcontext, "cpu", accum, None)
+        grads[accum] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[1].keys() == grads[2].keys()
+    assert grads[1]["logit_scale"].abs() > 1e-4  # the test can fail: the scale has a real gradient
+    for n in grads[1]:
+        torch.testing.assert_close(grads[2][n], grads[1][n], atol=2e-6, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.slow
+def test_two_process_gloo_matches_single_process(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, 8 per rank) ends with the weights of one process with batch 16.
+
+    The worker uses AdamW with eps=1, which makes the update nearly linear in the gradient, so weights
+    compare the gradients (a tiny eps turns float noise on near-zero gradients into +-lr jumps)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.getcwd(), HERE])}
+    outs = {}
+    for nproc, batch in ((2, 8), (1, 16)):
+        out = tmp_path / f"w{nproc}.pt"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               os.path.join(HERE, "_ddp_worker.py"), str(out), str(tmp_path / f"logs{nproc}"), str(batch)]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        outs[nproc] = torch.load(out, weights_only=True)
+    assert "on 2 process(es)" in open(tmp_path / "logs2" / "ddp" / "out.log").read()
+    from pyprotoclip.models import create_model
+
+    init = create_model("tiny-vit", seed=0)[0].state_dict()
+    moved = max(float((outs[1][k] - init[k]).abs().max()) for k in init if init[k].is_floating_point())
+    assert moved > 1e-3  # the runs did train
+    for k, v in outs[1].items():
+        torch.testing.assert_close(outs[2][k], v, atol=2e-6, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
