@@ -39,6 +39,6 @@ def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, 
     out: dict[str, float] = {}
     for name, ranks in (("image_to_text", _ranks(img, txt)), ("text_to_image", _ranks(txt, img))):
         for k in ks:
-            out[f"{name}_R@{k}"] = float((ranks < k).float().mean())
+            out[f"{name}_R@{k}"] = int((ranks < k).sum()) / ranks.numel()
     out["mean_recall"] = sum(out.values()) / len(out)
     return out

@@ -60,7 +60,8 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     kmax = min(max(ks), logits.shape[1])
     top = logits.topk(kmax, dim=1).indices  # (N, kmax)
     hit = top == labels[:, None]
-    return {f"top{k}": float(hit[:, : min(k, kmax)].any(dim=1).float().mean()) for k in ks}
+    n = hit.shape[0]
+    return {f"top{k}": int(hit[:, : min(k, kmax)].any(dim=1).sum()) / n for k in ks}
 
 
 def zeroshot_classify(image_features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor) -> dict:

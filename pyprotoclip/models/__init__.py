@@ -7,6 +7,7 @@ from pyprotoclip.models.factory import (
     get_model_config,
     get_tokenizer,
     list_models,
+    load_weights,
     register_tiny_configs,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "get_model_config",
     "get_tokenizer",
     "list_models",
+    "load_weights",
     "register_tiny_configs",
 ]

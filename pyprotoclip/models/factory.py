@@ -72,10 +72,23 @@ def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict):
         raise ValueError(f"pretrained: {path!r} does not hold a state dict")
-    # checkpoints written under DDP carry a "module." prefix
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str, source: str, name: str) -> None:
+    """Load ``state`` into ``model`` strictly; ValueError naming ``what`` when keys or shapes differ."""
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{what}: {source!r} does not match architecture {name!r}: {len(missing)} missing keys (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(shapes)} shape mismatches (e.g. {shapes[:2]})"
+        )
+    model.load_state_dict(state)
 
 
 def create_model(
@@ -117,13 +130,7 @@ def create_model(
     finally:
         logger.setLevel(level)
     if pretrained:
-        state = _load_state_dict_file(pretrained)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"pretrained: {pretrained!r} does not match architecture {name!r}: "
-                f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-            )
+        load_weights(model, _load_state_dict_file(pretrained), what="pretrained", source=pretrained, name=name)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     tokenizer = open_clip.get_tokenizer(name)

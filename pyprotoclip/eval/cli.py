@@ -1,0 +1,51 @@
+"""``pyprotoclip eval``: zero-shot, linear probe and retrieval for a checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command(name="eval", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False), help="Training checkpoint (or a state dict with --model).")
+@click.option("--data", required=True, help="Evaluation shards (brace spec(s) joined by '::'), e.g. DIR/val/{00000..00001}.tar.")
+@click.option("--model", "model_name", default=None, help="Override the architecture recorded in the checkpoint.")
+@click.option("--classnames", type=click.Path(exists=True, dir_okay=False), default=None, help="Class names, one a line (default: classnames.txt beside the shards).")
+@click.option("--templates", type=click.Path(exists=True, dir_okay=False), default=None, help="Prompt templates with '{}', one a line (default: templates.txt beside the shards).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Samples in --data (default: sizes.json).")
+@click.option("--probe-test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True, help="Held-out share for the linear probe.")
+@click.option("--probe-c", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="Inverse L2 strength of the logistic regression.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_dir", default=None, help="Where results.jsonl and the PNG go (default: the run directory).")
+@click.option("--no-plot", is_flag=True, help="Skip the PNG summary.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+def eval_cmd(checkpoint, data, model_name, classnames, templates, batch_size, workers, num_samples, probe_test_fraction,
+             probe_c, seed, out_dir, no_plot, device, as_json) -> None:
+    """Evaluate CHECKPOINT on DATA: zero-shot classification (prompt ensembling), linear probe on
+    frozen image features, image<->text retrieval recall@1/5/10. Appends to results.jsonl."""
+    import torch
+
+    from pyprotoclip.eval.evaluate import evaluate, format_table
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        results = evaluate(
+            checkpoint, data, model_name=model_name, classnames_file=classnames, templates_file=templates,
+            batch_size=batch_size, workers=workers, num_samples=num_samples, probe_test_fraction=probe_test_fraction,
+            probe_c=probe_c, seed=seed, out_dir=out_dir, plot=not no_plot, device=device,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.UsageError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(results, indent=2, default=str))
+        return
+    click.echo(f"checkpoint {checkpoint} ({results.get('ckpt_model')}, step {results.get('ckpt_step')}) on {results['num_samples']} samples")
+    click.echo(format_table(results))
+    click.echo(f"results: {results['results']}")
+    if "plot" in results:
+        click.echo(f"plot: {results['plot']}")

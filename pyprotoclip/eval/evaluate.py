@@ -1,0 +1,151 @@
+"""Evaluate a checkpoint on webdataset shards: zero-shot, linear probe, retrieval; results + plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pyprotoclip.eval.features import extract_features
+from pyprotoclip.eval.linear_probe import linear_probe
+from pyprotoclip.eval.retrieval import retrieval_recall
+from pyprotoclip.eval.zeroshot import build_classifier, zeroshot_classify
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: no such file {path!r}")
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise ValueError(f"{what}: {path!r} is empty")
+    return lines
+
+
+def load_model_from_checkpoint(path: str, model_name: str | None = None, device: str | torch.device = "cpu"):
+    """(model, preprocess_val, tokenizer, checkpoint_meta) from a training checkpoint or a plain state dict.
+
+    The architecture comes from the checkpoint's ``model`` entry unless ``model_name`` overrides it;
+    a plain state dict needs ``model_name``.
+    """
+    from pyprotoclip.models import create_model
+    from pyprotoclip.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    meta: dict[str, Any] = {}
+    if isinstance(state, dict) and "state_dict" in state:
+        meta = {k: state[k] for k in ("step", "epoch", "model", "name", "method") if k in state}
+        weights = state["state_dict"]
+    else:
+        weights = state
+    name = model_name or meta.get("model")
+    if not name:
+        raise ValueError(f"model: {path!r} is a plain state dict with no architecture name; pass --model NAME")
+    model, _, preprocess_val, tokenizer = create_model(name, device=device)
+    from pyprotoclip.models import load_weights
+
+    load_weights(model, weights, what="model", source=path, name=name)
+    model.eval()
+    meta["model"] = name
+    return model, preprocess_val, tokenizer, meta
+
+
+def evaluate(
+    checkpoint: str,
+    data: str,
+    *,
+    model_name: str | None = None,
+    classnames_file: str | None = None,
+    templates_file: str | None = None,
+    batch_size: int = 256,
+    workers: int = 2,
+    num_samples: int | None = None,
+    probe_test_fraction: float = 0.5,
+    probe_c: float = 1.0,
+    seed: int = 0,
+    out_dir: str | None = None,
+    plot: bool = True,
+    device: str = "cpu",
+    build_loader=None,
+) -> dict[str, Any]:
+    """Run every metric; append a row to ``<out_dir>/results.jsonl`` and draw ``eval-<ckpt>.png``.
+
+    out_dir defaults to the run directory when the checkpoint lies in ``<run>/checkpoints/``,
+    else the checkpoint's directory. Returns the metrics dict (with "plot" and "results" paths).
+    """
+    import pyprotoclip.data as pdata
+
+    build_loader = build_loader or pdata.build_loader
+    t0 = time.time()
+    model, preprocess_val, tokenizer, meta = load_model_from_checkpoint(checkpoint, model_name, device)
+
+    if (classnames_file is None) != (templates_file is None):
+        raise ValueError("classnames/templates: give both --classnames and --templates, or neither")
+    if classnames_file:
+        classnames, templates = _read_lines(classnames_file, "classnames"), _read_lines(templates_file, "templates")
+    else:
+        classnames, templates = pdata.read_zeroshot_files(data)
+    cfg = pdata.DataConfig(shards=data, batch_size=batch_size, workers=workers, num_samples=num_samples, seed=seed, drop_last=False)
+    loader = build_loader(cfg, preprocess=preprocess_val, tokenize=tokenizer, is_train=False)
+    feats = extract_features(model, loader, device=device)
+
+    results: dict[str, Any] = {"checkpoint": os.path.abspath(checkpoint), "data": data, **{f"ckpt_{k}": v for k, v in meta.items()}}
+    results["num_samples"] = int(feats["image_features"].shape[0])
+    with torch.no_grad():
+        w = build_classifier(lambda t: model.encode_text(t), tokenizer, classnames, templates, device=device)
+    labels = feats["labels"]
+    if int(labels.max()) >= len(classnames):
+        raise ValueError(f"classnames: the data has label {int(labels.max())} but only {len(classnames)} class names were given")
+    zs = zeroshot_classify(feats["image_features"], labels, w.cpu())
+    results.update(zeroshot_top1=zs["top1"], zeroshot_top5=zs["top5"], num_classes=len(classnames), num_templates=len(templates))
+    probe = linear_probe(feats["image_features"], labels, test_fraction=probe_test_fraction, seed=seed, C=probe_c)
+    results.update(linear_probe_top1=probe["top1"], linear_probe_train_top1=probe["train_top1"],
+                   linear_probe_num_train=probe["num_train"], linear_probe_num_test=probe["num_test"])
+    results.update(retrieval_recall(feats["image_features"], feats["text_features"]))
+    results["eval_seconds"] = time.time() - t0
+
+    ckpt_dir = os.path.dirname(os.path.abspath(checkpoint))
+    if out_dir is None:
+        out_dir = os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints" else ckpt_dir
+    os.makedirs(out_dir, exist_ok=True)
+    results_path = os.path.join(out_dir, "results.jsonl")
+    results["results"] = results_path
+    if plot:
+        from pyprotoclip.eval.plot import summary_plot
+
+        stem = os.path.splitext(os.path.basename(checkpoint))[0]
+        png = os.path.join(out_dir, f"eval-{stem}.png")
+        from sklearn.metrics import confusion_matrix
+
+        cm = confusion_matrix(zs["target"].numpy(), zs["pred"].numpy(), labels=list(range(len(classnames))))
+        summary_plot(png, confusion=cm, classnames=classnames, run_dir=out_dir, metrics=results)
+        results["plot"] = png
+    row = {"type": "eval", **{k: v for k, v in results.items() if k != "results"}}
+    with open(results_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return results
+
+
+TABLE_ROWS = (
+    ("zero-shot top-1", "zeroshot_top1"),
+    ("zero-shot top-5", "zeroshot_top5"),
+    ("linear probe top-1", "linear_probe_top1"),
+    ("image->text R@1", "image_to_text_R@1"),
+    ("image->text R@5", "image_to_text_R@5"),
+    ("image->text R@10", "image_to_text_R@10"),
+    ("text->image R@1", "text_to_image_R@1"),
+    ("text->image R@5", "text_to_image_R@5"),
+    ("text->image R@10", "text_to_image_R@10"),
+    ("retrieval mean recall", "mean_recall"),
+)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    width = max(len(label) for label, _ in TABLE_ROWS)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    lines += [f"{label:<{width}}  {100 * results[key]:5.1f}%" for label, key in TABLE_ROWS if key in results]
+    return "\n".join(lines)

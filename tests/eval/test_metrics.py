@@ -1,0 +1,132 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyprotoclip.eval.linear_probe import linear_probe, split_indices
+from pyprotoclip.eval.retrieval import retrieval_recall
+from pyprotoclip.eval.zeroshot import build_classifier, topk_accuracy, zeroshot_classify, zeroshot_logits
+
+
+def test_topk_matches_sklearn():
+    from sklearn.metrics import top_k_accuracy_score
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 12, generator=g)
+    labels = torch.randint(0, 12, (200,), generator=g)
+    got = topk_accuracy(logits, labels, (1, 3, 5))
+    for k in (1, 3, 5):
+        want = top_k_accuracy_score(labels.numpy(), logits.numpy(), k=k, labels=list(range(12)))
+        assert got[f"top{k}"] == pytest.approx(want, abs=1e-12)
+    assert got["top1"] == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
+
+
+def test_topk_caps_k_at_class_count():
+    logits = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    labels = torch.tensor([1, 1, 0])
+    assert topk_accuracy(logits, labels, (1, 5)) == {"top1": pytest.approx(1 / 3), "top5": 1.0}
+
+
+def test_classifier_is_renormalised_template_mean():
+    # "tokenizer" maps a prompt to its index; "encoder" returns fixed unnormalised vectors
+    vecs = torch.tensor([[3.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-2.0, 0.0]])
+    prompts = []
+
+    def tok(texts):
+        prompts.extend(texts)
+        return torch.arange(len(prompts) - len(texts), len(prompts))
+
+    w = build_classifier(lambda t: vecs[t], tok, ["cat", "dog"], ["a {}", "the {}."])
+    assert prompts == ["a cat", "the cat.", "a dog", "the dog."]
+    # class cat: mean of (1,0) and (0,1) -> (0.5,0.5) -> (1/sqrt2, 1/sqrt2); dog: mean of (1/sqrt2,1/sqrt2), (-1,0)
+    r = 1 / np.sqrt(2)
+    dog = np.array([(r - 1) / 2, r / 2])
+    dog = dog / np.linalg.norm(dog)
+    want = torch.tensor([[r, dog[0]], [r, dog[1]]], dtype=torch.float32)
+    torch.testing.assert_close(w, want)
+    logits = zeroshot_logits(torch.tensor([[2.0, 0.0]]), w)
+    torch.testing.assert_close(logits, 100 * torch.tensor([[r, float(dog[0])]], dtype=torch.float32))
+
+
+def test_zeroshot_classify_skips_unlabelled_rows():
+    w = torch.eye(3)
+    feats = torch.tensor([[5.0, 0, 0], [0, 1.0, 0], [0, 0, 2.0], [1.0, 0, 0]])
+    labels = torch.tensor([0, 2, 2, -1])
+    out = zeroshot_classify(feats, labels, w)
+    assert out["num_samples"] == 3 and out["top1"] == pytest.approx(2 / 3) and out["top5"] == 1.0
+    assert out["pred"].tolist() == [0, 1, 2]
+
+
+def test_zeroshot_errors():
+    with pytest.raises(ValueError, match="templates"):
+        build_classifier(lambda t: t, lambda x: x, ["a"], ["no placeholder"])
+    with pytest.raises(ValueError, match="classifier"):
+        zeroshot_logits(torch.randn(4, 3), torch.randn(5, 2))
+    with pytest.raises(ValueError, match="labels"):
+        zeroshot_classify(torch.randn(2, 3), torch.tensor([-1, -1]), torch.eye(3))
+
+
+def test_retrieval_hand_values():
+    # image i vs text j cosine similarities designed by hand (texts are unit vectors e_j, images rows of S)
+    s = torch.tensor([
+        [0.9, 0.1, 0.0],   # image 0: its text ranks 1st
+        [0.8, 0.5, 0.1],   # image 1: text 1 ranks 2nd
+        [0.7, 0.6, 0.2],   # image 2: text 2 ranks 3rd
+    ])
+    # make rows unit-norm by adding a 4th coordinate that no text has
+    img = torch.cat([s, (1 - (s**2).sum(1, keepdim=True)).sqrt()], 1)
+    txt = torch.eye(4)[:3]
+    out = retrieval_recall(img, txt, ks=(1, 2, 3))
+    assert out["image_to_text_R@1"] == pytest.approx(1 / 3)
+    assert out["image_to_text_R@2"] == pytest.approx(2 / 3)
+    assert out["image_to_text_R@3"] == 1.0
+    # text j ranks images by column j of s: col0 -> image0 first; col1 -> image2 (0.6) before image1 (0.5);
+    # col2 -> image2 first
+    assert out["text_to_image_R@1"] == pytest.approx(2 / 3)
+    assert out["text_to_image_R@2"] == 1.0
+    assert out["mean_recall"] == pytest.approx(np.mean([1 / 3, 2 / 3, 1, 2 / 3, 1, 1]))
+
+
+def test_retrieval_matches_argsort_definition():
+    g = torch.Generator().manual_seed(1)
+    img, txt = torch.randn(50, 16, generator=g), torch.randn(50, 16, generator=g)
+    out = retrieval_recall(img, txt)
+    sim = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).t()
+    for name, m in (("image_to_text", sim), ("text_to_image", sim.t())):
+        rank = (m.argsort(dim=1, descending=True) == torch.arange(50)[:, None]).float().argmax(1)
+        for k in (1, 5, 10):
+            assert out[f"{name}_R@{k}"] == pytest.approx(float((rank < k).float().mean()))
+
+
+def test_retrieval_errors():
+    with pytest.raises(ValueError, match="text_features"):
+        retrieval_recall(torch.randn(4, 3), torch.randn(5, 3))
+
+
+def test_linear_probe_matches_sklearn():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(5, 8)) * 2
+    y = np.repeat(np.arange(5), 40)
+    x = (centers[y] + rng.normal(size=(200, 8)) * 1.5).astype(np.float32)
+    x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)
+    y_t_with_unlabelled = torch.cat([y_t, torch.tensor([-1, -1])])
+    x_t_with_unlabelled = torch.cat([x_t, torch.zeros(2, 8)])
+    got = linear_probe(x_t_with_unlabelled, y_t_with_unlabelled, test_fraction=0.25, seed=3)
+    tr, te = split_indices(y, 0.25, 3)
+    assert len(te) == 50 and not set(tr) & set(te)
+    assert np.bincount(y[te]).tolist() == [10] * 5  # stratified
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=3)).fit(x[tr], y[tr])
+    assert got["top1"] == pytest.approx(clf.score(x[te], y[te]))
+    assert got["num_train"] == 150 and got["num_test"] == 50 and got["num_classes"] == 5
+    assert 0.5 < got["top1"] < 1.0  # separable enough to learn, noisy enough to not be trivial
+
+
+def test_linear_probe_errors():
+    with pytest.raises(ValueError, match="labels"):
+        linear_probe(torch.randn(10, 3), torch.zeros(10, dtype=torch.long))
+    with pytest.raises(ValueError, match="test_fraction"):
+        linear_probe(torch.randn(10, 3), torch.arange(10) % 2, test_fraction=1.0)
