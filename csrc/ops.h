@@ -65,9 +65,10 @@ at::Tensor proto_assign_cpu(const at::Tensor& features, const at::Tensor& protot
 // the topk largest probabilities per row, (n, topk) features.dtype, sorted, and their indices (n, topk) int64
 std::tuple<at::Tensor, at::Tensor> proto_assign_topk_cpu(const at::Tensor& features, const at::Tensor& prototypes,
                                                          const at::Tensor& temperature, int64_t topk);
-// grad_probs, probs (n, k) -> grad_features (n, d), grad_prototypes (k, d), grad_temperature 0-d
+// grad_probs (n, k) -> grad_features (n, d), grad_prototypes (k, d), grad_temperature 0-d; the
+// probabilities are recomputed in fp32 block by block (the saved output may be bf16/fp16)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cpu(
-    const at::Tensor& grad_probs, const at::Tensor& probs, const at::Tensor& features, const at::Tensor& prototypes,
+    const at::Tensor& grad_probs, const at::Tensor& features, const at::Tensor& prototypes,
     const at::Tensor& temperature, std::array<bool, 3> output_mask);
 #ifdef WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cuda(
@@ -85,7 +86,7 @@ at::Tensor proto_assign_cuda(const at::Tensor& features, const at::Tensor& proto
 std::tuple<at::Tensor, at::Tensor> proto_assign_topk_cuda(const at::Tensor& features, const at::Tensor& prototypes,
                                                           const at::Tensor& temperature, int64_t topk);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cuda(
-    const at::Tensor& grad_probs, const at::Tensor& probs, const at::Tensor& features, const at::Tensor& prototypes,
+    const at::Tensor& grad_probs, const at::Tensor& features, const at::Tensor& prototypes,
     const at::Tensor& temperature, std::array<bool, 3> output_mask);
 #endif
 // END proto_softmax declarations

@@ -46,7 +46,7 @@ TORCH_LIBRARY(pyprotoclip, m) {
   m.def("proto_assign(Tensor features, Tensor prototypes, Tensor temperature) -> Tensor");
   m.def("proto_assign_topk(Tensor features, Tensor prototypes, Tensor temperature, int k) -> (Tensor values, Tensor indices)");
   m.def(
-      "_proto_assign_backward(Tensor grad_probs, Tensor probs, Tensor features, Tensor prototypes, "
+      "_proto_assign_backward(Tensor grad_probs, Tensor features, Tensor prototypes, "
       "Tensor temperature, bool[3] output_mask) -> (Tensor grad_features, Tensor grad_prototypes, "
       "Tensor grad_temperature)");
   // END proto_softmax schemas

@@ -345,15 +345,13 @@ std::tuple<at::Tensor, at::Tensor> proto_assign_topk_cpu(const at::Tensor& featu
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cpu(
-    const at::Tensor& grad_probs, const at::Tensor& probs, const at::Tensor& features, const at::Tensor& prototypes,
+    const at::Tensor& grad_probs, const at::Tensor& features, const at::Tensor& prototypes,
     const at::Tensor& temperature, std::array<bool, 3> output_mask) {
   const char* op = "_proto_assign_backward";
   check_features(op, features, prototypes, temperature);
   const int64_t n = features.size(0), k = prototypes.size(0), d = features.size(1);
   TORCH_CHECK(grad_probs.dim() == 2 && grad_probs.size(0) == n && grad_probs.size(1) == k, op,
               ": grad_probs: expected shape (", n, ", ", k, "), got ", grad_probs.sizes());
-  TORCH_CHECK(probs.dim() == 2 && probs.size(0) == n && probs.size(1) == k, op, ": probs: expected shape (", n, ", ",
-              k, "), got ", probs.sizes());
   const auto f32 = features.options().dtype(at::kFloat);
   auto grad_f = at::zeros({n, d}, f32), grad_p = at::zeros({k, d}, f32);
   double tau_acc = 0.0;
@@ -362,13 +360,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cpu(
     it = 1.0f / positive_value(op, "temperature", temperature);
     const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
     const int64_t rows = block_rows(n, k);
+    auto buffer = at::empty({rows, k}, f32);
     for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
       const auto f_blk = ff.narrow(0, r0, r1 - r0);
-      const auto p = probs.narrow(0, r0, r1 - r0).to(at::kFloat);
+      auto x = block_view(buffer, r1 - r0);
+      gemm_nt_into(f_blk, pf, x);  // raw dots; a = x / tau
+      const auto p = at::softmax(x * it, 1);
       const auto g = grad_probs.narrow(0, r0, r1 - r0).to(at::kFloat);
-      // softmax backward: dL/da_ij = p_ij (g_ij - sum_l g_il p_il); a = x / tau
+      // softmax backward: dL/da_ij = p_ij (g_ij - sum_l g_il p_il); dL/dtau = -(1/tau^2) sum_ij dL/da_ij x_ij
       auto ga = (g - (g * p).sum(1, true)).mul_(p);
-      if (output_mask[2]) tau_acc += (ga * at::mm(f_blk, pf.t())).sum().item<double>();
+      if (output_mask[2]) tau_acc += (ga * x).sum().item<double>();
       if (output_mask[0] || output_mask[1]) {
         ga.mul_(it);
         backprop_block(ga, f_blk, pf, grad_f.narrow(0, r0, r1 - r0), grad_p);

@@ -1,2 +1,391 @@
-// proto_softmax CUDA kernels: filled in by the proto_softmax issue.
+// Prototype-assignment softmax on CUDA: p_i = softmax_j(F_i.P_j / tau), its top-k, and the fused loss
+// -sum_j q_ij log p_ij against hard, soft or teacher (q_i = softmax_j(T_i.C_j / tau_t)) targets.
+// Tiling: row blocks of F against all of P (tiling.h); each block is one cuBLAS GEMM (tensor cores for
+// bf16/fp16, fp32 output) and a fused epilogue kernel, one CTA per row. The teacher takes one pass over
+// its row for its log-sum-exp and one for the loss. Saves the (n,) fp32 student (and teacher) lse for
+// backward, which recomputes each block and turns it into dL/dx in place.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+
 #include "../ops.h"
+#include "../tiling.h"
+#include "reduce.cuh"
+
+namespace pyprotoclip {
+namespace {
+
+using cuda::MaxSum;
+
+constexpr int kRowThreads = 256;  // one CTA per row: k is large (thousands), 256 threads stream a row
+
+enum Mode : int { kHard = 0, kSoft = 1, kTeacher = 2 };
+
+// Operand for the GEMMs: the input dtype (tensor cores) except fp64, which cuBLAS cannot write as fp32.
+at::Tensor operand(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? t.contiguous().to(at::kFloat) : gemm_operand(t);
+}
+
+void check_features(const char* op, const at::Tensor& f, const at::Tensor& p, const at::Tensor& temperature) {
+  TORCH_CHECK(f.dim() == 2, op, ": features: expected a 2-D tensor (n, d), got ", f.sizes());
+  TORCH_CHECK(p.dim() == 2, op, ": prototypes: expected a 2-D tensor (k, d), got ", p.sizes());
+  TORCH_CHECK(f.size(1) == p.size(1), op, ": prototypes: expected feature size ", f.size(1), " (as features), got ",
+              p.size(1));
+  TORCH_CHECK(at::isFloatingType(f.scalar_type()), op, ": features: expected a floating dtype, got ",
+              f.scalar_type());
+  TORCH_CHECK(f.scalar_type() == p.scalar_type(), op, ": prototypes: expected dtype ", f.scalar_type(), ", got ",
+              p.scalar_type());
+  TORCH_CHECK(f.device() == p.device(), op, ": prototypes: expected device ", f.device(), ", got ", p.device());
+  TORCH_CHECK(p.size(0) > 0, op, ": prototypes: expected at least one row");
+  TORCH_CHECK(temperature.numel() == 1, op, ": temperature: expected a scalar tensor, got ", temperature.sizes());
+}
+
+// 0-d fp32 copy of a scalar on the kernels' device (its value is read by the kernels: no host sync).
+at::Tensor device_scalar(const at::Tensor& t, const at::Tensor& like) {
+  return t.reshape({}).to(like.device(), at::kFloat).contiguous();
+}
+
+struct Targets {
+  Mode mode;
+  at::Tensor index, probs, tf, tc, tau_t;
+};
+
+Targets check_targets(const char* op, const at::Tensor& features, int64_t n, int64_t k,
+                      const std::optional<at::Tensor>& target_index, const std::optional<at::Tensor>& target_probs,
+                      const std::optional<at::Tensor>& teacher_features,
+                      const std::optional<at::Tensor>& teacher_prototypes,
+                      const std::optional<at::Tensor>& teacher_temperature) {
+  const int given = int(target_index.has_value()) + int(target_probs.has_value()) + int(teacher_features.has_value());
+  TORCH_CHECK(given == 1, op, ": target_index: expected exactly one of target_index, target_probs, teacher_features");
+  Targets t;
+  if (target_index) {
+    t.mode = kHard;
+    const auto& ti = *target_index;
+    TORCH_CHECK(ti.dim() == 1 && ti.size(0) == n, op, ": target_index: expected shape (", n, ",), got ", ti.sizes());
+    TORCH_CHECK(ti.scalar_type() == at::kLong, op, ": target_index: expected int64, got ", ti.scalar_type());
+    TORCH_CHECK(ti.device() == features.device(), op, ": target_index: expected device ", features.device());
+    t.index = ti.contiguous();  // out-of-range values are caught in the kernel (NaN loss, device assert)
+  } else if (target_probs) {
+    t.mode = kSoft;
+    const auto& tp = *target_probs;
+    TORCH_CHECK(tp.dim() == 2 && tp.size(0) == n && tp.size(1) == k, op, ": target_probs: expected shape (", n, ", ",
+                k, "), got ", tp.sizes());
+    TORCH_CHECK(tp.device() == features.device(), op, ": target_probs: expected device ", features.device());
+    t.probs = tp;
+  } else {
+    t.mode = kTeacher;
+    TORCH_CHECK(teacher_prototypes.has_value() && teacher_temperature.has_value(), op,
+                ": teacher_prototypes: expected teacher_prototypes and teacher_temperature with teacher_features");
+    const auto &tf = *teacher_features, &tc = *teacher_prototypes;
+    TORCH_CHECK(tf.dim() == 2 && tf.size(0) == n, op, ": teacher_features: expected shape (", n, ", dt), got ",
+                tf.sizes());
+    TORCH_CHECK(tc.dim() == 2 && tc.size(0) == k && tc.size(1) == tf.size(1), op,
+                ": teacher_prototypes: expected shape (", k, ", ", tf.size(1), "), got ", tc.sizes());
+    TORCH_CHECK(tf.scalar_type() == tc.scalar_type(), op, ": teacher_prototypes: expected dtype ", tf.scalar_type());
+    TORCH_CHECK(tf.device() == features.device() && tc.device() == features.device(), op,
+                ": teacher_features: expected device ", features.device());
+    TORCH_CHECK(teacher_temperature->numel() == 1, op, ": teacher_temperature: expected a scalar tensor");
+    t.tf = operand(tf);
+    t.tc = operand(tc);
+    t.tau_t = device_scalar(*teacher_temperature, features);
+  }
+  return t;
+}
+
+int64_t rows_for(const Targets& t, int64_t n, int64_t k) {
+  return block_rows(n, k, t.mode == kTeacher ? kBlockElems / 2 : kBlockElems);
+}
+
+// Forward epilogue, one CTA per row i of a block of raw dots x (a = x / tau):
+// lse_i, and loss_i = (sum_j q_ij) lse_i - sum_j q_ij a_ij. For the teacher, qx holds its raw dots.
+// A hard target outside [0, k) gives NaN (and trips the device assert in debug builds).
+__global__ void loss_forward_kernel(const float* __restrict__ x, const float* __restrict__ qx, int64_t k, int mode,
+                                    const float* __restrict__ tau, const float* __restrict__ tau_t,
+                                    const int64_t* __restrict__ index, float* __restrict__ loss,
+                                    float* __restrict__ lse, float* __restrict__ teacher_lse) {
+  __shared__ MaxSum shared_ms[32];
+  __shared__ float shared[32];
+  const int64_t i = blockIdx.x;
+  const float it = 1.0f / *tau;
+  const float* row = x + i * k;
+  MaxSum acc{-INFINITY, 0.0f};
+  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) acc = cuda::combine(acc, MaxSum{it * row[j], 1.0f});
+  acc = cuda::block_reduce(acc, shared_ms);
+  const float l = acc.max + logf(acc.sum);
+  float q_sum = 1.0f, qa = 0.0f;
+  if (mode == kHard) {
+    if (threadIdx.x == 0) {
+      const int64_t t = index[i];
+      CUDA_KERNEL_ASSERT(t >= 0 && t < k);
+      qa = (t >= 0 && t < k) ? it * row[t] : NAN;
+    }
+  } else if (mode == kSoft) {
+    const float* q = qx + i * k;
+    float s = 0.0f, d = 0.0f;
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+      s += q[j];
+      d += q[j] * row[j];
+    }
+    q_sum = cuda::block_sum(s, shared);
+    qa = it * cuda::block_sum(d, shared);
+  } else {
+    const float itt = 1.0f / *tau_t;
+    const float* tr = qx + i * k;
+    MaxSum tacc{-INFINITY, 0.0f};
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) tacc = cuda::combine(tacc, MaxSum{itt * tr[j], 1.0f});
+    tacc = cuda::block_reduce(tacc, shared_ms);
+    const float tl = tacc.max + logf(tacc.sum);
+    float d = 0.0f;
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) d += __expf(itt * tr[j] - tl) * row[j];
+    qa = it * cuda::block_sum(d, shared);
+    if (threadIdx.x == 0) teacher_lse[i] = tl;
+  }
+  if (threadIdx.x == 0) {
+    lse[i] = l;
+    loss[i] = q_sum * l - qa;
+  }
+}
+
+// Backward epilogue, in place, one CTA per row: x_ij -> dL/dx_ij = g_ij / tau with
+// g_ij = dL/da_ij = (w_i s_i + v_i) p_ij - w_i q_ij (s_i = sum_j q_ij, v_i the gradient reaching lse_i),
+// and tau_terms[i] = sum_j g_ij x_ij, so that dL/dtau = -(1/tau^2) sum_i tau_terms[i].
+__global__ void loss_backward_kernel(float* __restrict__ x, const float* __restrict__ qx, int64_t k, int mode,
+                                     const float* __restrict__ tau, const float* __restrict__ tau_t,
+                                     const int64_t* __restrict__ index, const float* __restrict__ grad_loss,
+                                     const float* __restrict__ grad_lse, const float* __restrict__ lse,
+                                     const float* __restrict__ teacher_lse, float* __restrict__ tau_terms) {
+  __shared__ float shared[32];
+  const int64_t i = blockIdx.x;
+  const float it = 1.0f / *tau;
+  const float itt = mode == kTeacher ? 1.0f / *tau_t : 0.0f;
+  float* row = x + i * k;
+  const float* q = qx != nullptr ? qx + i * k : nullptr;
+  const float w = grad_loss[i], v = grad_lse != nullptr ? grad_lse[i] : 0.0f, l = lse[i];
+  const float tl = mode == kTeacher ? teacher_lse[i] : 0.0f;
+  float s = 1.0f;
+  if (mode == kSoft) {
+    float part = 0.0f;
+    for (int64_t j = threadIdx.x; j < k; j += blockDim.x) part += q[j];
+    s = cuda::block_sum(part, shared);
+  }
+  const int64_t t = mode == kHard ? index[i] : -1;
+  const float cp = w * s + v;
+  float acc = 0.0f;
+  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+    const float xv = row[j];
+    float qj;
+    if (mode == kHard) {
+      qj = j == t ? 1.0f : 0.0f;
+    } else if (mode == kSoft) {
+      qj = q[j];
+    } else {
+      qj = __expf(itt * q[j] - tl);
+    }
+    const float g = cp * __expf(it * xv - l) - w * qj;
+    acc += g * xv;
+    row[j] = g * it;
+  }
+  acc = cuda::block_sum(acc, shared);
+  if (threadIdx.x == 0) tau_terms[i] = acc;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cuda(
+    const at::Tensor& features, const at::Tensor& prototypes, const at::Tensor& temperature,
+    const std::optional<at::Tensor>& target_index, const std::optional<at::Tensor>& target_probs,
+    const std::optional<at::Tensor>& teacher_features, const std::optional<at::Tensor>& teacher_prototypes,
+    const std::optional<at::Tensor>& teacher_temperature) {
+  const char* op = "proto_softmax_loss";
+  check_features(op, features, prototypes, temperature);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const int64_t n = features.size(0), k = prototypes.size(0);
+  const Targets tg = check_targets(op, features, n, k, target_index, target_probs, teacher_features,
+                                   teacher_prototypes, teacher_temperature);
+  const auto f32 = features.options().dtype(at::kFloat);
+  auto loss = at::empty({n}, f32), lse = at::empty({n}, f32);
+  auto teacher_lse = at::empty({tg.mode == kTeacher ? n : 0}, f32);
+  if (n == 0) return {loss, lse, teacher_lse};
+  const auto tau = device_scalar(temperature, features);
+  const auto ff = operand(features), pf = operand(prototypes);
+  const int64_t rows = rows_for(tg, n, k);
+  auto buffer = at::empty({rows, k}, f32);
+  auto tbuffer = tg.mode == kTeacher ? at::empty({rows, k}, f32) : at::Tensor();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
+    const int64_t nr = r1 - r0;
+    auto blk = block_view(buffer, nr);
+    gemm_nt_into(ff.narrow(0, r0, nr), pf, blk);
+    at::Tensor q;
+    if (tg.mode == kSoft) q = tg.probs.narrow(0, r0, nr).to(at::kFloat).contiguous();
+    if (tg.mode == kTeacher) {
+      q = block_view(tbuffer, nr);
+      gemm_nt_into(tg.tf.narrow(0, r0, nr), tg.tc, q);
+    }
+    loss_forward_kernel<<<nr, kRowThreads, 0, stream>>>(
+        blk.data_ptr<float>(), q.defined() ? q.data_ptr<float>() : nullptr, k, tg.mode, tau.data_ptr<float>(),
+        tg.mode == kTeacher ? tg.tau_t.data_ptr<float>() : nullptr,
+        tg.mode == kHard ? tg.index.data_ptr<int64_t>() + r0 : nullptr, loss.data_ptr<float>() + r0,
+        lse.data_ptr<float>() + r0, tg.mode == kTeacher ? teacher_lse.data_ptr<float>() + r0 : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, lse, teacher_lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cuda(
+    const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_lse, const at::Tensor& features,
+    const at::Tensor& prototypes, const at::Tensor& temperature, const std::optional<at::Tensor>& target_index,
+    const std::optional<at::Tensor>& target_probs, const std::optional<at::Tensor>& teacher_features,
+    const std::optional<at::Tensor>& teacher_prototypes, const std::optional<at::Tensor>& teacher_temperature,
+    const at::Tensor& lse, const at::Tensor& teacher_lse, std::array<bool, 3> output_mask) {
+  const char* op = "_proto_softmax_loss_backward";
+  check_features(op, features, prototypes, temperature);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const int64_t n = features.size(0), k = prototypes.size(0), d = features.size(1);
+  const Targets tg = check_targets(op, features, n, k, target_index, target_probs, teacher_features,
+                                   teacher_prototypes, teacher_temperature);
+  TORCH_CHECK(grad_loss.numel() == n && lse.numel() == n, op, ": grad_loss, lse: expected ", n, " values");
+  TORCH_CHECK(!grad_lse || grad_lse->numel() == n, op, ": grad_lse: expected ", n, " values");
+  TORCH_CHECK(tg.mode != kTeacher || teacher_lse.numel() == n, op, ": teacher_lse: expected ", n, " values");
+  const auto f32 = features.options().dtype(at::kFloat);
+  const bool need_f = output_mask[0], need_p = output_mask[1], need_t = output_mask[2];
+  auto grad_f = at::zeros({n, d}, f32), grad_p = at::zeros({k, d}, f32);
+  auto tau_terms = at::zeros({n}, f32);
+  const auto tau = device_scalar(temperature, features);
+  if (n > 0 && (need_f || need_p || need_t)) {
+    const auto ff = operand(features), pf = operand(prototypes);
+    const auto gl = grad_loss.to(at::kFloat).contiguous(), ls = lse.to(at::kFloat).contiguous();
+    const auto gs = grad_lse ? grad_lse->to(at::kFloat).contiguous() : at::Tensor();
+    const auto tls = tg.mode == kTeacher ? teacher_lse.to(at::kFloat).contiguous() : at::Tensor();
+    const int64_t rows = rows_for(tg, n, k);
+    auto buffer = at::empty({rows, k}, f32);
+    auto tbuffer = tg.mode == kTeacher ? at::empty({rows, k}, f32) : at::Tensor();
+    auto stream = at::cuda::getCurrentCUDAStream();
+    for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
+      const int64_t nr = r1 - r0;
+      auto blk = block_view(buffer, nr);
+      const auto f_blk = ff.narrow(0, r0, nr);
+      gemm_nt_into(f_blk, pf, blk);
+      at::Tensor q;
+      if (tg.mode == kSoft) q = tg.probs.narrow(0, r0, nr).to(at::kFloat).contiguous();
+      if (tg.mode == kTeacher) {
+        q = block_view(tbuffer, nr);
+        gemm_nt_into(tg.tf.narrow(0, r0, nr), tg.tc, q);
+      }
+      loss_backward_kernel<<<nr, kRowThreads, 0, stream>>>(
+          blk.data_ptr<float>(), q.defined() ? q.data_ptr<float>() : nullptr, k, tg.mode, tau.data_ptr<float>(),
+          tg.mode == kTeacher ? tg.tau_t.data_ptr<float>() : nullptr,
+          tg.mode == kHard ? tg.index.data_ptr<int64_t>() + r0 : nullptr, gl.data_ptr<float>() + r0,
+          gs.defined() ? gs.data_ptr<float>() + r0 : nullptr, ls.data_ptr<float>() + r0,
+          tls.defined() ? tls.data_ptr<float>() + r0 : nullptr, tau_terms.data_ptr<float>() + r0);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (need_p) {
+        backprop_block(blk, f_blk, pf, grad_f.narrow(0, r0, nr), grad_p);
+      } else if (need_f) {
+        auto gf = grad_f.narrow(0, r0, nr);
+        if (pf.scalar_type() == at::kFloat) {
+          at::mm_out(gf, blk, pf);
+        } else {
+          at::mm_out(gf, blk.to(pf.scalar_type()), pf, at::kFloat);
+        }
+      }
+    });
+  }
+  // dL/dtau = -(1/tau^2) sum_ij g_ij x_ij, formed on the device (no sync)
+  auto grad_t = -tau_terms.sum() / (tau * tau);
+  return {grad_f.to(features.scalar_type()), grad_p.to(prototypes.scalar_type()),
+          grad_t.to(temperature.scalar_type()).to(temperature.device())};
+}
+
+at::Tensor proto_assign_cuda(const at::Tensor& features, const at::Tensor& prototypes, const at::Tensor& temperature) {
+  check_features("proto_assign", features, prototypes, temperature);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const int64_t n = features.size(0), k = prototypes.size(0);
+  auto out = at::empty({n, k}, features.options());
+  if (n == 0) return out;
+  const auto inv_tau = device_scalar(temperature, features).reciprocal();
+  const auto ff = operand(features), pf = operand(prototypes);
+  const int64_t rows = block_rows(n, k);
+  auto buffer = at::empty({rows, k}, features.options().dtype(at::kFloat));
+  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
+    auto blk = block_view(buffer, r1 - r0);
+    gemm_nt_into(ff.narrow(0, r0, r1 - r0), pf, blk);
+    out.narrow(0, r0, r1 - r0).copy_(at::softmax(blk.mul_(inv_tau), 1));
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> proto_assign_topk_cuda(const at::Tensor& features, const at::Tensor& prototypes,
+                                                          const at::Tensor& temperature, int64_t topk) {
+  const char* op = "proto_assign_topk";
+  check_features(op, features, prototypes, temperature);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const int64_t n = features.size(0), k = prototypes.size(0);
+  TORCH_CHECK(topk >= 1 && topk <= k, op, ": k: expected a value in [1, ", k, "], got ", topk);
+  auto values = at::empty({n, topk}, features.options());
+  auto indices = at::empty({n, topk}, features.options().dtype(at::kLong));
+  if (n == 0) return {values, indices};
+  const auto inv_tau = device_scalar(temperature, features).reciprocal();
+  const auto ff = operand(features), pf = operand(prototypes);
+  const int64_t rows = block_rows(n, k);
+  auto buffer = at::empty({rows, k}, features.options().dtype(at::kFloat));
+  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
+    auto blk = block_view(buffer, r1 - r0);
+    gemm_nt_into(ff.narrow(0, r0, r1 - r0), pf, blk);
+    blk.mul_(inv_tau);
+    const auto lse = at::logsumexp(blk, {1}, /*keepdim=*/true);
+    auto [top, idx] = at::topk(blk, topk, 1, /*largest=*/true, /*sorted=*/true);
+    values.narrow(0, r0, r1 - r0).copy_(at::exp(top - lse));
+    indices.narrow(0, r0, r1 - r0).copy_(idx);
+  });
+  return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cuda(
+    const at::Tensor& grad_probs, const at::Tensor& features, const at::Tensor& prototypes,
+    const at::Tensor& temperature, std::array<bool, 3> output_mask) {
+  const char* op = "_proto_assign_backward";
+  check_features(op, features, prototypes, temperature);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const int64_t n = features.size(0), k = prototypes.size(0), d = features.size(1);
+  TORCH_CHECK(grad_probs.dim() == 2 && grad_probs.size(0) == n && grad_probs.size(1) == k, op,
+              ": grad_probs: expected shape (", n, ", ", k, "), got ", grad_probs.sizes());
+  const auto f32 = features.options().dtype(at::kFloat);
+  auto grad_f = at::zeros({n, d}, f32), grad_p = at::zeros({k, d}, f32);
+  auto tau_acc = at::zeros({}, f32);
+  const auto inv_tau = device_scalar(temperature, features).reciprocal();
+  if (n > 0) {
+    const auto ff = operand(features), pf = operand(prototypes);
+    const int64_t rows = block_rows(n, k);
+    auto buffer = at::empty({rows, k}, f32);
+    for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
+      const auto f_blk = ff.narrow(0, r0, r1 - r0);
+      auto x = block_view(buffer, r1 - r0);
+      gemm_nt_into(f_blk, pf, x);  // raw dots; a = x / tau
+      const auto p = at::softmax(x * inv_tau, 1);
+      const auto g = grad_probs.narrow(0, r0, r1 - r0).to(at::kFloat);
+      // softmax backward: dL/da_ij = p_ij (g_ij - sum_l g_il p_il); dL/dtau = -(1/tau^2) sum_ij dL/da_ij x_ij
+      auto ga = (g - (g * p).sum(1, true)).mul_(p);
+      if (output_mask[2]) tau_acc.add_((ga * x).sum());
+      if (output_mask[0] || output_mask[1]) {
+        ga.mul_(inv_tau);
+        backprop_block(ga, f_blk, pf, grad_f.narrow(0, r0, r1 - r0), grad_p);
+      }
+    });
+  }
+  auto grad_t = -tau_acc * inv_tau * inv_tau;
+  return {grad_f.to(features.scalar_type()), grad_p.to(prototypes.scalar_type()),
+          grad_t.to(temperature.scalar_type()).to(temperature.device())};
+}
+
+TORCH_LIBRARY_IMPL(pyprotoclip, CUDA, m) {
+  m.impl("proto_softmax_loss", &proto_softmax_loss_cuda);
+  m.impl("_proto_softmax_loss_backward", &proto_softmax_loss_backward_cuda);
+  m.impl("proto_assign", &proto_assign_cuda);
+  m.impl("proto_assign_topk", &proto_assign_topk_cuda);
+  m.impl("_proto_assign_backward", &proto_assign_backward_cuda);
+}
+
+}  // namespace pyprotoclip
