@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import pyprotoclip
 from pyprotoclip.ops import reference
-from pyprotoclip.ops.proto_softmax import proto_assign, proto_cross_entropy
+from pyprotoclip.ops import proto_assign, proto_cross_entropy
 from tests.utils import assert_close_verbose, low_precision_error_ok
 
 COMPILED = pyprotoclip.build_info()["compiled"]
