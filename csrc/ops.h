@@ -93,6 +93,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cuda(
 
 // ---- k-means update (issue 5) ------------------------------------------------------------
 // BEGIN kmeans declarations
+// x (n, d) and centroids (k, d) any floating dtype, weights (n,) or none, metric "l2" | "cosine".
+// Returns assign (n,) int64 (ties -> lowest index), score (n,) fp32 (squared L2 distance, or cosine
+// similarity of the normalised vectors), sums (k, d) fp32 of the weighted points (normalised ones
+// for cosine) and counts (k,) fp32 (sums of weights). One pass over x.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cpu(
+    const at::Tensor& x, const at::Tensor& centroids, const std::optional<at::Tensor>& weights,
+    std::string_view metric);
+#ifdef WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cuda(
+    const at::Tensor& x, const at::Tensor& centroids, const std::optional<at::Tensor>& weights,
+    std::string_view metric);
+#endif
+// Argument checks shared by both devices (TORCH_CHECK naming the argument).
+void kmeans_check_inputs(const at::Tensor& x, const at::Tensor& centroids, const std::optional<at::Tensor>& weights);
+bool kmeans_metric_is_cosine(std::string_view metric);
 // END kmeans declarations
 
 }  // namespace pyprotoclip

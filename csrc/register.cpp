@@ -51,6 +51,9 @@ TORCH_LIBRARY(pyprotoclip, m) {
       "Tensor grad_temperature)");
   // END proto_softmax schemas
   // BEGIN kmeans schemas
+  m.def(
+      "kmeans_update(Tensor x, Tensor centroids, Tensor? weights, str metric) -> "
+      "(Tensor assign, Tensor score, Tensor sums, Tensor counts)");
   // END kmeans schemas
 }
 

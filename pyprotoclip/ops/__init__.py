@@ -2,6 +2,7 @@
 their fakes and autograd, so ``torch.ops.pyprotoclip.*`` is usable with autograd and torch.compile."""
 
 from pyprotoclip.ops.infonce import infonce_loss, similarity_cross_entropy
+from pyprotoclip.ops.kmeans import kmeans_update
 from pyprotoclip.ops.proto_softmax import proto_assign, proto_cross_entropy
 
-__all__ = ["infonce_loss", "proto_assign", "proto_cross_entropy", "similarity_cross_entropy"]
+__all__ = ["infonce_loss", "kmeans_update", "proto_assign", "proto_cross_entropy", "similarity_cross_entropy"]

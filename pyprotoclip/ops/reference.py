@@ -107,4 +107,34 @@ def proto_softmax_loss(
 
 # ---- k-means update ---------------------------------------------------------------------
 # BEGIN kmeans reference
+
+
+def kmeans_update(
+    x: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor | None, metric: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One k-means pass: (assign (n,) int64, score (n,), sums (k, d), counts (k,)).
+
+    l2: assign_i = argmin_j |x_i - c_j|^2 and score_i is that squared distance (clamped at 0).
+    cosine: x and c are L2-normalised, assign_i = argmax_j <x^_i, c^_j>, score_i that similarity,
+    and sums add the *normalised* points. sums_j = sum_{i: assign_i = j} w_i x_i, counts_j = sum w_i
+    (w = 1 without weights). Ties go to the lowest index. Float32 (float64 for float64 x).
+    """
+    xf, cf = _acc(x), centroids.to(_acc(x).dtype)
+    if metric == "cosine":
+        xf = torch.nn.functional.normalize(xf, dim=1, eps=1e-12)
+        cf = torch.nn.functional.normalize(cf, dim=1, eps=1e-12)
+        score, assign = (xf @ cf.t()).max(dim=1)  # (n, k) similarities
+    elif metric == "l2":
+        d2 = (xf * xf).sum(1, keepdim=True) - 2.0 * (xf @ cf.t()) + (cf * cf).sum(1)  # (n, k)
+        score, assign = d2.min(dim=1)
+        score = score.clamp_min(0.0)
+    else:
+        raise ValueError(f"metric: expected 'l2' or 'cosine', got {metric!r}")
+    w = torch.ones_like(score) if weights is None else weights.to(score.dtype)
+    k, d = centroids.shape
+    sums = torch.zeros((k, d), dtype=xf.dtype, device=xf.device).index_add_(0, assign, xf * w[:, None])
+    counts = torch.zeros((k,), dtype=xf.dtype, device=xf.device).index_add_(0, assign, w)
+    return assign, score, sums, counts
+
+
 # END kmeans reference
