@@ -109,13 +109,6 @@ int64_t rows_for(const Targets& t, int64_t n, int64_t k) {
   return block_rows(n, k, t.mode == Mode::kTeacher ? kBlockElems / 2 : kBlockElems);
 }
 
-// sum_j x[j]
-float row_sum(const float* x, int64_t m) {
-  float s = 0.0f;
-  for (int64_t j = 0; j < m; ++j) s += x[j];
-  return s;
-}
-
 // out[j] -= mul * y[j]
 void sub_scaled(float* out, const float* y, int64_t m, float mul) {
   for (int64_t j = 0; j < m; ++j) out[j] -= mul * y[j];
@@ -162,6 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
       gemm_nt_into(tg.tf.narrow(0, r0, r1 - r0), tg.tc, q);
     }
     float* qb = q.defined() ? q.data_ptr<float>() : nullptr;
+    const auto q_sum = tg.mode == Mode::kSoft ? q.sum(1) : at::Tensor();  // (rows,) sum_j q_ij
+    const float* qs = q_sum.defined() ? q_sum.data_ptr<float>() : nullptr;
     at::parallel_for(0, r1 - r0, row_grain(k), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const float* row = b + i * k;
@@ -175,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
             break;
           case Mode::kSoft: {
             const float* qr = qb + i * k;
-            loss_p[gi] = row_sum(qr, k) * l - it * cpu::dot(qr, row, k);
+            loss_p[gi] = qs[i] * l - it * cpu::dot(qr, row, k);
             break;
           }
           case Mode::kTeacher: {
@@ -238,6 +233,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cpu(
         gemm_nt_into(tg.tf.narrow(0, r0, r1 - r0), tg.tc, q);
       }
       float* qb = q.defined() ? q.data_ptr<float>() : nullptr;
+      const auto q_sum = tg.mode == Mode::kSoft ? q.sum(1) : at::Tensor();  // (rows,) sum_j q_ij
+      const float* qs = q_sum.defined() ? q_sum.data_ptr<float>() : nullptr;
       at::parallel_for(0, r1 - r0, row_grain(k), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           float* row = b + i * k;
@@ -250,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cpu(
           float s = 1.0f;
           if (tg.mode == Mode::kSoft) {
             qr = qb + i * k;
-            s = row_sum(qr, k);
+            s = qs[i];
           } else if (tg.mode == Mode::kTeacher) {
             qr = qb + i * k;
             cpu::exp_affine(qr, qr, k, tg.inv_tau_t, tlp[gi], 1.0f);

@@ -20,6 +20,9 @@ namespace {
 using cuda::MaxSum;
 
 constexpr int kRowThreads = 256;  // one CTA per row: k is large (thousands), 256 threads stream a row
+// Logits per block on the GPU (128 MiB fp32): 512 rows at k = 65536, so the epilogue launches several
+// CTAs per SM and each GEMM is large enough for the tensor cores; still O(block), never O(n k).
+constexpr int64_t kCudaBlockElems = int64_t(32) << 20;
 
 enum Mode : int { kHard = 0, kSoft = 1, kTeacher = 2 };
 
@@ -95,7 +98,7 @@ Targets check_targets(const char* op, const at::Tensor& features, int64_t n, int
 }
 
 int64_t rows_for(const Targets& t, int64_t n, int64_t k) {
-  return block_rows(n, k, t.mode == kTeacher ? kBlockElems / 2 : kBlockElems);
+  return block_rows(n, k, t.mode == kTeacher ? kCudaBlockElems / 2 : kCudaBlockElems);
 }
 
 // Forward epilogue, one CTA per row i of a block of raw dots x (a = x / tau):
@@ -307,7 +310,7 @@ at::Tensor proto_assign_cuda(const at::Tensor& features, const at::Tensor& proto
   if (n == 0) return out;
   const auto inv_tau = device_scalar(temperature, features).reciprocal();
   const auto ff = operand(features), pf = operand(prototypes);
-  const int64_t rows = block_rows(n, k);
+  const int64_t rows = block_rows(n, k, kCudaBlockElems);
   auto buffer = at::empty({rows, k}, features.options().dtype(at::kFloat));
   for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
     auto blk = block_view(buffer, r1 - r0);
@@ -329,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor> proto_assign_topk_cuda(const at::Tensor& feat
   if (n == 0) return {values, indices};
   const auto inv_tau = device_scalar(temperature, features).reciprocal();
   const auto ff = operand(features), pf = operand(prototypes);
-  const int64_t rows = block_rows(n, k);
+  const int64_t rows = block_rows(n, k, kCudaBlockElems);
   auto buffer = at::empty({rows, k}, features.options().dtype(at::kFloat));
   for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
     auto blk = block_view(buffer, r1 - r0);
@@ -358,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cuda(
   const auto inv_tau = device_scalar(temperature, features).reciprocal();
   if (n > 0) {
     const auto ff = operand(features), pf = operand(prototypes);
-    const int64_t rows = block_rows(n, k);
+    const int64_t rows = block_rows(n, k, kCudaBlockElems);
     auto buffer = at::empty({rows, k}, f32);
     for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
       const auto f_blk = ff.narrow(0, r0, r1 - r0);

@@ -405,6 +405,7 @@ def _bad_calls():
         ("target", lambda: ce(f, p, 0.1, target=torch.full((4, 5), 0.2))),
         ("target", lambda: ce(f, p, 0.1, target=q * 1.1)),
         ("target", lambda: ce(f, p, 0.1, target=torch.tensor([[0.6, 0.6, -0.2, 0.0, 0.0, 0.0]] * 4))),
+        ("target", lambda: ce(f, p, 0.1, target=torch.where(q > 0.1, float("nan"), q))),
         ("target", lambda: ce(f, p, 0.1)),
         ("target", lambda: ce(f, p, 0.1, target=idx, teacher_features=t, teacher_prototypes=c, teacher_temperature=1.0)),
         ("teacher_features", lambda: ce(f, p, 0.1, teacher_prototypes=c, teacher_temperature=1.0)),
