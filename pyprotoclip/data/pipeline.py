@@ -459,14 +459,21 @@ class WebDatasetStream(IterableDataset):
         decoding = skip == 0
         if quota is not None and produced >= quota:
             return logical
+        # random augmentations in preprocess (open_clip's RandomResizedCrop) draw from torch's and Python's global RNGs:
+        # reseeding them per sample from its place in this logical worker's stream makes them independent of the
+        # physical worker and of resuming. In the main process the caller's RNG state is restored after each sample.
+        aug_base = _seed_of(self.cfg.seed, self.epoch, self.rank, self.world_size, W, logical, 4)
+        in_worker = info is not None
+        n_valid = 0
         for sample in self._shuffled(self._raw_stream(logical, stats, warn), logical):
             reason, img, caption, label = _parse(sample)
             if reason is not None:
                 bad(reason, sample)
                 continue
+            n_valid += 1
             try:
                 if decoding:
-                    images.append(self.preprocess(_decode_image(img)))
+                    images.append(self._preprocess_seeded(_decode_image(img), (aug_base + n_valid) % (1 << 62), in_worker))
                 else:
                     _check_image_cheaply(img)
             except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
@@ -490,6 +497,20 @@ class WebDatasetStream(IterableDataset):
             stats["samples_yielded"] += len(captions)
             yield self._collate(images, captions, labels, keys, logical, stats)
         return logical
+
+    def _preprocess_seeded(self, image: Image.Image, seed: int, in_worker: bool) -> torch.Tensor:
+        if in_worker:
+            torch.manual_seed(seed)
+            random.seed(seed)
+            return self.preprocess(image)
+        t_state, p_state = torch.get_rng_state(), random.getstate()
+        try:
+            torch.manual_seed(seed)
+            random.seed(seed)
+            return self.preprocess(image)
+        finally:
+            torch.set_rng_state(t_state)
+            random.setstate(p_state)
 
     def _collate(self, images, captions, labels, keys, logical: int, stats: Counter) -> dict[str, Any]:
         text = self.tokenize(captions)
@@ -525,7 +546,8 @@ class Loader:
         self._stats: dict[int, dict[str, int]] = {}
 
     def __len__(self) -> int:
-        return self.num_batches
+        """Batches this loader yields: the epoch's ``num_batches`` less ``start_batch`` (train)."""
+        return max(0, self.num_batches - self.start_batch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.dataloader:
@@ -614,6 +636,9 @@ def build_loader(cfg: DataConfig, *, preprocess: Callable[[Image.Image], torch.T
             num_batches = rnd(num_samples / (cfg.batch_size * world_size))
             loader_samples = num_samples
         stream.num_batches = num_batches
+    # a private generator: creating an iterator would otherwise draw from the caller's global torch RNG (the
+    # workers' base seed), so starting an epoch in a resumed run would shift the trainer's random stream
+    gen = torch.Generator().manual_seed(_seed_of(cfg.seed, epoch, rank, 5))
     dataloader = DataLoader(stream, batch_size=None, shuffle=False, num_workers=0 if cfg.workers == 0 else W,
-                            persistent_workers=False, pin_memory=torch.cuda.is_available())
+                            persistent_workers=False, pin_memory=torch.cuda.is_available(), generator=gen)
     return Loader(stream, dataloader, loader_samples, num_batches)

@@ -254,6 +254,18 @@ def test_tar_reader_long_names(tmp_path):
 # ------------------------------------------------------------------------------------------ determinism
 
 
+def test_main_process_loading_leaves_the_callers_rng_alone(synth):
+    cfg = DataConfig(synth["train_shards"], batch_size=16, workers=0, shuffle_buffer=10, num_samples=32)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    it = iter(build_loader(cfg, preprocess=random_preprocess, tokenize=tokenize, is_train=True))
+    next(it)
+    a = torch.rand(1)
+    next(it)
+    assert torch.equal(torch.cat([a, torch.rand(2)]), expected)
+
+
 def test_train_order_is_deterministic_and_depends_on_epoch_and_seed(synth):
     cfg = DataConfig(synth["train_shards"], batch_size=16, workers=0, shuffle_buffer=50)
     a, b = keys_of(load(cfg, is_train=True)), keys_of(load(cfg, is_train=True))
@@ -271,13 +283,22 @@ def _assert_same_batches(resumed, full, s):
         assert torch.equal(r["image"], f["image"]) and torch.equal(r["text"], f["text"]) and torch.equal(r["label"], f["label"])
 
 
+def random_preprocess(im):
+    """A random augmentation drawn from torch's and Python's global RNGs, as open_clip's RandomResizedCrop does."""
+    import random
+
+    return preprocess(im) + torch.rand(1) + random.random()
+
+
 @pytest.mark.parametrize("workers, resampled, start", [(0, False, 5), (2, False, 3), (2, True, 5), (2, False, 0)])
 def test_start_batch_resume_equals_the_uninterrupted_epoch(synth, workers, resampled, start):
     # num_samples above the data so the workers also start second passes
     cfg = DataConfig(synth["train_shards"], batch_size=16, workers=workers, resampled=resampled, shuffle_buffer=40, num_samples=300)
-    full = list(load(cfg, is_train=True, epoch=2))
+    kw = dict(preprocess=random_preprocess, tokenize=tokenize, is_train=True, epoch=2)
+    full = list(build_loader(cfg, **kw))
     assert len(full) == 19
-    resumed = load(cfg, is_train=True, epoch=2, start_batch=start)
+    resumed = build_loader(cfg, start_batch=start, **kw)
+    assert len(resumed) == 19 - start and resumed.num_batches == 19
     _assert_same_batches(list(resumed), full, start)
     if start:
         assert resumed.stats()["samples_skipped_for_resume"] == 16 * start
