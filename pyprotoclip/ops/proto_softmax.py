@@ -95,8 +95,9 @@ def _validate_target(target: object, features: torch.Tensor, num: int) -> tuple[
                 f"got {tuple(target.shape)}"
             )
         if _checks.value_checks_enabled() and batch > 0:
-            # O(B) extra memory, not O(B K): a row sum is non-finite iff the row has a NaN/Inf entry
-            sums = target.sum(dim=1, dtype=torch.float64)
+            # O(B) extra memory, not O(B K) (sum(dtype=float64) would copy the whole target first):
+            # a row sum is non-finite iff the row has a NaN/Inf entry
+            sums = target.sum(dim=1).double()
             if not bool(torch.isfinite(sums).all()):
                 raise ValueError("target: expected finite values, found NaN/Inf entries")
             if float(target.min()) < 0:
