@@ -19,10 +19,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchlib  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(ROOT, "tools"), ROOT]  # benchlib, and pyprotoclip from this checkout
+import benchlib  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -73,6 +72,11 @@ def setup(batch: int, dim: int, dtype: torch.dtype, device: str):
 def measure(provider: str, batch: int, dim: int, dtype_name: str, device: str, repeats: int) -> dict:
     """One (provider, shape, dtype): peak memory of a first forward+backward, then the timings."""
     fn = loss_fn(provider)
+    # a tiny first call loads what every provider loads once (kernels, thread pools, BLAS buffers),
+    # so that the peak below is the memory of this shape only
+    tiny = setup(64, dim, DTYPES[dtype_name], device)
+    fn(tiny[0], tiny[1], tiny[2].exp()).backward()
+    del tiny
     image, text, log_scale = setup(batch, dim, DTYPES[dtype_name], device)
 
     def forward():
@@ -101,7 +105,7 @@ def plot(results_path: str) -> str:
 
     with open(results_path) as f:
         data = json.load(f)
-    rows = data["rows"]
+    rows = [r for r in data["rows"] if "error" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for key in sorted({(r["provider"], r["dtype"]) for r in rows}):
         sel = sorted((r for r in rows if (r["provider"], r["dtype"]) == key), key=lambda r: r["B"])

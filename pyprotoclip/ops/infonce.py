@@ -21,7 +21,9 @@ def _validate_pair(name_a: str, a: object, name_b: str, b: object, *, same_rows:
     a = _checks.float_matrix(name_a, a)
     b = _checks.float_matrix(name_b, b)
     _checks.same_device([(name_a, a), (name_b, b)])
-    _checks.same_dtype([(name_a, a), (name_b, b)])
+    if a.dtype != b.dtype:  # e.g. one tower left autocast in fp32: compute in the wider dtype
+        common = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(common), b.to(common)
     _checks.same_width([(name_a, a), (name_b, b)])
     if same_rows and a.shape[0] != b.shape[0]:
         raise ValueError(f"{name_b}: expected shape {tuple(a.shape)} to match {name_a}, got {tuple(b.shape)}")
@@ -44,7 +46,8 @@ def similarity_cross_entropy(
 
     loss_i = logsumexp_j(scale * q_i . k_j) - scale * q_i . k_{targets_i}
 
-    q: (n, d) float32/bfloat16/float16.  k: (m, d), same dtype and device.
+    q: (n, d) float32/bfloat16/float16.  k: (m, d), same device (a different float dtype is
+    promoted to the wider of the two).
     targets: (n,) int64 in [0, m).  scale: 0-d tensor (may require grad) or float.
     Returns the (n,) float32 per-row loss, differentiable w.r.t. q, k and scale.
     Extra memory is O(n + tile), never O(n * m): the backward recomputes tiles from the saved
