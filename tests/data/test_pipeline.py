@@ -342,3 +342,22 @@ def test_read_zeroshot_files_missing(tmp_path):
     spec = write_good_shards(str(tmp_path / "x"), 1, 2)
     with pytest.raises(FileNotFoundError, match=r"classnames\.txt and templates\.txt not found"):
         read_zeroshot_files(spec)
+
+
+def test_train_stream_over_only_broken_shards_ends_instead_of_spinning(tmp_path):
+    for i in range(2):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"garbage" * 100)
+    loader = load(DataConfig(str(tmp_path / "{00000..00001}.tar"), batch_size=2, workers=0, num_samples=10), is_train=True)
+    assert list(loader) == []
+    st = loader.stats()
+    assert st["bad"]["bad_shard"] == 2 and st["samples_read"] == 0
+
+
+def test_pipe_urls_are_read_and_not_checked_to_exist(tmp_path):
+    spec = write_good_shards(str(tmp_path), 2, 3)
+    url = f"pipe:cat {spec}"
+    assert expand_shards(url) == [f"pipe:cat {tmp_path}/00000.tar", f"pipe:cat {tmp_path}/00001.tar"]
+    with pytest.raises(ValueError, match="num_samples"):  # no sizes.json for URLs
+        load(DataConfig(url, batch_size=4, workers=0), is_train=False)
+    loader = load(DataConfig(url, batch_size=4, workers=0, num_samples=6, drop_last=False), is_train=False)
+    assert [k for b in loader for k in b["key"]] == [f"{k:06d}" for k in range(6)]
