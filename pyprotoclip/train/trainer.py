@@ -387,7 +387,8 @@ def run(p: dict[str, Any], *, build_loader: Callable | None = None) -> dict[str,
         names = []
         if p["save_frequency"] and (done % p["save_frequency"] == 0 or done == p["epochs"]):
             names.append(f"epoch_{done}.pt")
-        if p["save_most_recent"] or p["save_every_n_steps"]:
+        stop_now = p["stop_after_steps"] is not None and step >= p["stop_after_steps"] and done < p["epochs"]
+        if p["save_most_recent"] or p["save_every_n_steps"] or stop_now:
             names.append(ckpt.LATEST)
         save(names, done)
         if p["val_data"] and p["val_frequency"] and (done % p["val_frequency"] == 0 or done == p["epochs"]):
@@ -403,6 +404,10 @@ def run(p: dict[str, Any], *, build_loader: Callable | None = None) -> dict[str,
                             tb.add_scalar(f"val/{k}", v, step)
             if pdist.is_distributed():
                 dist.barrier()
+        if stop_now:
+            log.info("stopping after step %d as asked (--stop-after-steps); resume with --resume latest", step)
+            interrupted = True
+            break
 
     wall = time.time() - t_run
     summary.update(

@@ -49,11 +49,12 @@ def test_existing_run_dir_needs_resume(fake_train):
         fake_train()
 
 
-def test_resume_is_exact(fake_train):
+@pytest.mark.parametrize("stop", [1, 2])
+def test_resume_is_exact(fake_train, stop):
     full = _state(fake_train(name="full", epochs=2)["model"])
-    # interrupted mid-epoch 0 (after step 1 of 2), resumed, and run to the end
-    s = fake_train(name="cut", epochs=2, stop_after_steps=1)
-    assert s["interrupted"] and s["step"] == 1
+    # interrupted mid-epoch 0 (after step 1 of 2) or at the epoch boundary, resumed, and run to the end
+    s = fake_train(name="cut", epochs=2, stop_after_steps=stop)
+    assert s["interrupted"] and s["step"] == stop
     resumed = fake_train(name="cut", epochs=2, resume="latest")
     assert resumed["step"] == 4
     got = _state(resumed["model"])
