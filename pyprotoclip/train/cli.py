@@ -17,7 +17,12 @@ def _option(flag: P.Flag):
         return click.option(f"--{flag.name}", flag.key, type=click.Choice(flag.type), default=flag.default, **kwargs)
     if flag.name in ("config", "pretrained"):
         return click.option(f"--{flag.name}", flag.key, type=click.Path(exists=True, dir_okay=False), default=None, **kwargs)
-    return click.option(f"--{flag.name}", flag.key, type=flag.type, default=flag.default, **kwargs)
+    names = [f"--{flag.name}"]
+    if flag.name == "logs":
+        # torchrun's own argument parser takes `--logs` for an abbreviation of its `--logs-specs`
+        # and stops; `--logs-dir` passes through it untouched.
+        names.append("--logs-dir")
+    return click.option(*names, flag.key, type=flag.type, default=flag.default, **kwargs)
 
 
 def _with_flags(fn):

@@ -65,7 +65,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("pretrained", str, None, "Local checkpoint file to start from (loaded with weights_only=True)."),
     Flag("method", tuple(METHODS), "clip", "Training objective."),
     # logging and checkpoints
-    Flag("logs", str, "./logs/", "Where to write <logs>/<name>/."),
+    Flag("logs", str, "./logs/", "Where to write <logs>/<name>/ (alias --logs-dir: use it under torchrun)."),
     Flag("name", str, None, "Experiment name (default: date, model, lr, batch size, precision)."),
     Flag("report-to", str, "", "Comma-separated loggers: 'tensorboard' (or '' for none)."),
     Flag("log-every-n-steps", int, 100, "Console/tensorboard log interval in optimizer steps."),

@@ -47,10 +47,11 @@ def test_open_clip_defaults(captured):
 def test_config_yaml_and_command_line_precedence(captured, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train-data: a/{0..3}.tar\nbatch_size: 32\nlr: 1.0e-3\nmodel: tiny-vit\nsave-most-recent: true\n")
-    r = invoke("--config", str(cfg), "--batch-size", "16")
+    r = invoke("--config", str(cfg), "--batch-size", "16", "--logs-dir", "elsewhere")
     assert r.exit_code == 0, r.output
     assert captured["train_data"] == "a/{0..3}.tar" and captured["batch_size"] == 16
     assert captured["lr"] == 1e-3 and captured["model"] == "tiny-vit" and captured["save_most_recent"] is True
+    assert captured["logs"] == "elsewhere"  # --logs-dir: the spelling torchrun lets through
 
 
 @pytest.mark.parametrize(
