@@ -14,14 +14,17 @@ inline void check_similarity_inputs(const char* op, const at::Tensor& q, const a
               k.scalar_type());
   TORCH_CHECK(at::isFloatingType(q.scalar_type()), op, ": q: expected a floating dtype, got ", q.scalar_type());
   TORCH_CHECK(scale.numel() == 1, op, ": scale: expected a scalar tensor, got ", scale.sizes());
+  TORCH_CHECK(scale.is_floating_point(), op, ": scale: expected a floating dtype, got ", scale.scalar_type());
   TORCH_CHECK(q.device() == k.device(), op, ": k: expected device ", q.device(), ", got ", k.device());
 }
 
-inline void check_targets(const char* op, const at::Tensor& targets, int64_t n, int64_t m) {
+inline void check_targets(const char* op, const at::Tensor& targets, int64_t n, int64_t m, const at::Device& device) {
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == n, op, ": targets: expected shape (", n, ",), got ",
               targets.sizes());
   TORCH_CHECK(targets.scalar_type() == at::kLong, op, ": targets: expected int64, got ", targets.scalar_type());
-  // On CUDA the kernels check the range themselves (a host-side min/max would synchronise).
+  TORCH_CHECK(targets.device() == device, op, ": targets: expected device ", device, ", got ", targets.device());
+  // On CUDA a host-side min/max would synchronise every call: the public function validates the
+  // range, and the kernels turn an out-of-range target into a NaN loss instead of reading it.
   if (n > 0 && !targets.is_cuda()) {
     const auto lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < m, op, ": targets: expected values in [0, ", m, "), got [", lo, ", ", hi, "]");

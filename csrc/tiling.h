@@ -36,9 +36,17 @@ inline void for_each_row_block(int64_t n, int64_t rows, Fn&& fn) {
 }
 
 // Operand in the dtype the GEMMs run in: fp32 on CPU (MKL has no fast bf16 -> fp32 path we can
-// rely on); the input dtype on CUDA, where half/bf16 GEMMs use tensor cores with fp32 output.
+// rely on); on CUDA half/bf16 stay as they are (tensor cores, fp32 output) and anything else is fp32.
 inline at::Tensor gemm_operand(const at::Tensor& t) {
-  return t.is_cuda() ? t.contiguous() : t.contiguous().to(at::kFloat);
+  const auto dtype = t.scalar_type();
+  const bool keep = t.is_cuda() && (dtype == at::kHalf || dtype == at::kBFloat16);
+  return keep ? t.contiguous() : t.contiguous().to(at::kFloat);
+}
+
+// A scalar argument (scale, temperature) as a 0-d fp32 tensor on `device`, so that kernels can read
+// it through a device pointer without a host synchronisation (a CPU scalar is moved, not dereferenced).
+inline at::Tensor device_scalar(const at::Tensor& t, const at::Device& device) {
+  return t.reshape({}).to(device, at::kFloat).contiguous();
 }
 
 // out (r, m) fp32 = a (r, d) @ b(m, d)^T, fp32 accumulation and output whatever a, b's dtype.
@@ -63,7 +71,8 @@ inline void backprop_block(const at::Tensor& coef, const at::Tensor& a_blk, cons
   } else {
     const at::Tensor c = coef.to(a_blk.scalar_type());
     at::mm_out(grad_a_blk, c, b, at::kFloat);
-    at::addmm_out(grad_b, grad_b, c.t(), a_blk, at::kFloat);
+    // addmm with an fp32 accumulator and half/bf16 operands is not accepted by every torch >= 2.11
+    grad_b.add_(at::mm(c.t(), a_blk, at::kFloat));
   }
 }
 

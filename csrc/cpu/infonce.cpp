@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy_cpu(const at::Tensor
                                                                 const at::Tensor& targets, const at::Tensor& scale) {
   check_similarity_inputs("similarity_cross_entropy", q, k, scale);
   const int64_t n = q.size(0), m = k.size(0);
-  check_targets("similarity_cross_entropy", targets, n, m);
+  check_targets("similarity_cross_entropy", targets, n, m, q.device());
   auto loss = at::empty({n}, q.options().dtype(at::kFloat));
   auto lse = at::empty({n}, q.options().dtype(at::kFloat));
   if (n == 0) return {loss, lse};
@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
     const at::Tensor& scale, const at::Tensor& lse) {
   check_similarity_inputs("_similarity_cross_entropy_backward", q, k, scale);
   const int64_t n = q.size(0), m = k.size(0), d = q.size(1);
-  check_targets("_similarity_cross_entropy_backward", targets, n, m);
+  check_targets("_similarity_cross_entropy_backward", targets, n, m, q.device());
   TORCH_CHECK(grad_loss.numel() == n && lse.numel() == n,
               "_similarity_cross_entropy_backward: grad_loss, lse: expected ", n, " values");
   auto grad_q = at::zeros({n, d}, q.options().dtype(at::kFloat));
@@ -94,8 +94,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
   }
   double gs = 0.0;
   for (double v : scale_terms) gs += v;
-  auto grad_scale = at::full({}, gs, q.options().dtype(at::kFloat));
-  return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_scale.to(scale.scalar_type())};
+  auto grad_scale = at::full(scale.sizes(), gs, scale.options());
+  return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_scale};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entropy_cpu(
@@ -183,8 +183,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entrop
   }
   double gs = 0.0;
   for (double v : scale_terms) gs += v;
-  auto grad_scale = at::full({}, gs, f32);
-  return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_scale.to(scale.scalar_type())};
+  auto grad_scale = at::full(scale.sizes(), gs, scale.options());
+  return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_scale};
 }
 
 TORCH_LIBRARY_IMPL(pyprotoclip, CPU, m) {

@@ -18,7 +18,6 @@ using cuda::MaxSum;
 
 constexpr int kRowThreads = 256;   // one CTA per row: m is large (>= thousands), 256 threads stream it
 constexpr int kColThreads = 256;   // column-statistics kernel: one thread per column
-constexpr int kElemThreads = 256;  // elementwise backward kernel
 
 // Forward epilogue: lse_i and loss_i = lse_i - s x[i, t_i] for the rows of one block.
 // A target outside [0, m) gives NaN (and trips the device assert in debug builds).
@@ -37,7 +36,6 @@ __global__ void row_lse_kernel(const float* __restrict__ block, int64_t m, const
     lse[i] = l;
     if (targets != nullptr) {
       const int64_t t = targets[i];
-      CUDA_KERNEL_ASSERT(t >= 0 && t < m);
       loss[i] = (t >= 0 && t < m) ? l - s * row[t] : NAN;
     }
     if (diag != nullptr) diag[i] = s * row[diag_offset + i];
@@ -57,36 +55,33 @@ __global__ void column_lse_kernel(const float* __restrict__ block, int64_t rows,
   col_sum[j] = acc.sum;
 }
 
-// Backward epilogue, in place: x_ij -> dL/dx_ij = s * dL/dS_ij, with
+// Backward epilogue, in place, one CTA per row i of the block: x_ij -> dL/dx_ij = s * dL/dS_ij, with
 //   dL/dS_ij = g_i (exp(S_ij - lse_i) - [j == t_i])                       (generic: col_grad == nullptr)
 //            + g'_j (exp(S_ij - lse'_j) - [j == diag_offset + i])         (symmetric: column direction)
-// and accumulates dL/ds = sum_ij dL/dS_ij x_ij into *grad_scale.
-__global__ void backward_block_kernel(float* __restrict__ block, int64_t rows, int64_t m,
-                                      const float* __restrict__ scale, const float* __restrict__ row_grad,
-                                      const float* __restrict__ row_lse, const int64_t* __restrict__ targets,
-                                      const float* __restrict__ col_grad, const float* __restrict__ col_lse,
-                                      int64_t diag_offset, float* __restrict__ grad_scale) {
+// and writes the row's share of dL/ds = sum_j dL/dS_ij x_ij to scale_terms[i]; summing those per
+// row (not with atomics) keeps the scale gradient accurate and the same on every run.
+__global__ void backward_block_kernel(float* __restrict__ block, int64_t m, const float* __restrict__ scale,
+                                      const float* __restrict__ row_grad, const float* __restrict__ row_lse,
+                                      const int64_t* __restrict__ targets, const float* __restrict__ col_grad,
+                                      const float* __restrict__ col_lse, int64_t diag_offset,
+                                      float* __restrict__ scale_terms) {
   __shared__ float shared[32];
+  const int64_t i = blockIdx.x;
   const float s = *scale;
-  const int64_t total = rows * m;
+  const float g = row_grad[i], lse = row_lse[i];
+  const int64_t target = targets != nullptr ? targets[i] : diag_offset + i;
+  float* row = block + i * m;
   float scale_acc = 0.0f;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i = e / m, j = e % m;
-    const float x = block[e];
+  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
+    const float x = row[j];
     const float logit = s * x;
-    const int64_t target = targets != nullptr ? targets[i] : diag_offset + i;
-    float coef = row_grad[i] * (__expf(logit - row_lse[i]) - (j == target ? 1.0f : 0.0f));
+    float coef = g * (__expf(logit - lse) - (j == target ? 1.0f : 0.0f));
     if (col_grad != nullptr) coef += col_grad[j] * (__expf(logit - col_lse[j]) - (j == diag_offset + i ? 1.0f : 0.0f));
     scale_acc += coef * x;
-    block[e] = s * coef;
+    row[j] = s * coef;
   }
   scale_acc = cuda::block_sum(scale_acc, shared);
-  if (threadIdx.x == 0) atomicAdd(grad_scale, scale_acc);
-}
-
-int elementwise_grid(int64_t total) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((total + kElemThreads - 1) / kElemThreads, sms * 8)));
+  if (threadIdx.x == 0) scale_terms[i] = scale_acc;
 }
 
 }  // namespace
@@ -95,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy_cuda(const at::Tenso
                                                                  const at::Tensor& targets, const at::Tensor& scale) {
   check_similarity_inputs("similarity_cross_entropy", q, k, scale);
   const int64_t n = q.size(0), m = k.size(0);
-  check_targets("similarity_cross_entropy", targets, n, m);
+  check_targets("similarity_cross_entropy", targets, n, m, q.device());
   const c10::cuda::CUDAGuard guard(q.device());
   auto loss = at::empty({n}, q.options().dtype(at::kFloat));
   auto lse = at::empty({n}, q.options().dtype(at::kFloat));
@@ -103,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy_cuda(const at::Tenso
   TORCH_CHECK(m > 0, "similarity_cross_entropy: k: expected at least one row");
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto qc = gemm_operand(q), kc = gemm_operand(k), t = targets.contiguous();
-  const auto s = scale.to(at::kFloat).reshape({1}).contiguous();
+  const auto s = device_scalar(scale, q.device());
   const int64_t rows = block_rows(n, m, q);
   auto buffer = at::empty({rows, m}, q.options().dtype(at::kFloat));
   for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
@@ -122,16 +117,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
     const at::Tensor& scale, const at::Tensor& lse) {
   check_similarity_inputs("_similarity_cross_entropy_backward", q, k, scale);
   const int64_t n = q.size(0), m = k.size(0), d = q.size(1);
-  check_targets("_similarity_cross_entropy_backward", targets, n, m);
+  check_targets("_similarity_cross_entropy_backward", targets, n, m, q.device());
   TORCH_CHECK(grad_loss.numel() == n && lse.numel() == n,
               "_similarity_cross_entropy_backward: grad_loss, lse: expected ", n, " values");
   const c10::cuda::CUDAGuard guard(q.device());
   const auto f32 = q.options().dtype(at::kFloat);
-  auto grad_q = at::zeros({n, d}, f32), grad_k = at::zeros({m, d}, f32), grad_scale = at::zeros({1}, f32);
+  auto grad_q = at::zeros({n, d}, f32), grad_k = at::zeros({m, d}, f32), scale_terms = at::zeros({n}, f32);
   if (n > 0 && m > 0) {
     const auto stream = at::cuda::getCurrentCUDAStream();
     const auto qc = gemm_operand(q), kc = gemm_operand(k), t = targets.contiguous();
-    const auto s = scale.to(at::kFloat).reshape({1}).contiguous();
+    const auto s = device_scalar(scale, q.device());
     const auto g = grad_loss.to(at::kFloat).contiguous(), l = lse.to(at::kFloat).contiguous();
     const int64_t rows = block_rows(n, m, q);
     auto buffer = at::empty({rows, m}, f32);
@@ -139,15 +134,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
       auto blk = block_view(buffer, r1 - r0);
       const auto q_blk = qc.narrow(0, r0, r1 - r0);
       gemm_nt_into(q_blk, kc, blk);
-      const int64_t total = (r1 - r0) * m;
-      backward_block_kernel<<<elementwise_grid(total), kElemThreads, 0, stream>>>(
-          blk.data_ptr<float>(), r1 - r0, m, s.data_ptr<float>(), g.data_ptr<float>() + r0,
-          l.data_ptr<float>() + r0, t.data_ptr<int64_t>() + r0, nullptr, nullptr, 0, grad_scale.data_ptr<float>());
+      backward_block_kernel<<<r1 - r0, kRowThreads, 0, stream>>>(
+          blk.data_ptr<float>(), m, s.data_ptr<float>(), g.data_ptr<float>() + r0, l.data_ptr<float>() + r0,
+          t.data_ptr<int64_t>() + r0, nullptr, nullptr, 0, scale_terms.data_ptr<float>() + r0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       backprop_block(blk, q_blk, kc, grad_q.narrow(0, r0, r1 - r0), grad_k);
     });
   }
-  return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_scale.reshape({}).to(scale.scalar_type())};
+  const auto grad_scale = scale_terms.sum(at::kDouble).to(scale.scalar_type()).reshape(scale.sizes());
+  return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_scale};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entropy_cuda(
@@ -163,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_
   if (n == 0) return {lse_rows, lse_rows.clone(), lse_rows.clone(), lse_rows.clone()};
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto qc = gemm_operand(q), kc = gemm_operand(k);
-  const auto s = scale.to(at::kFloat).reshape({1}).contiguous();
+  const auto s = device_scalar(scale, q.device());
   const int64_t rows = block_rows(n, n, q);
   auto buffer = at::empty({rows, n}, f32);
   for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
@@ -191,11 +186,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entrop
               "_symmetric_similarity_cross_entropy_backward: expected k, grads and lse with ", n, " rows");
   const c10::cuda::CUDAGuard guard(q.device());
   const auto f32 = q.options().dtype(at::kFloat);
-  auto grad_q = at::zeros({n, d}, f32), grad_k = at::zeros({n, d}, f32), grad_scale = at::zeros({1}, f32);
+  auto grad_q = at::zeros({n, d}, f32), grad_k = at::zeros({n, d}, f32), scale_terms = at::zeros({n}, f32);
   if (n > 0) {
     const auto stream = at::cuda::getCurrentCUDAStream();
     const auto qc = gemm_operand(q), kc = gemm_operand(k);
-    const auto s = scale.to(at::kFloat).reshape({1}).contiguous();
+    const auto s = device_scalar(scale, q.device());
     const auto gr = grad_rows.to(at::kFloat).contiguous(), gc = grad_cols.to(at::kFloat).contiguous();
     const auto lr = lse_rows.to(at::kFloat).contiguous(), lc = lse_cols.to(at::kFloat).contiguous();
     const int64_t rows = block_rows(n, n, q);
@@ -204,16 +199,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entrop
       auto blk = block_view(buffer, r1 - r0);
       const auto q_blk = qc.narrow(0, r0, r1 - r0);
       gemm_nt_into(q_blk, kc, blk);
-      const int64_t total = (r1 - r0) * n;
-      backward_block_kernel<<<elementwise_grid(total), kElemThreads, 0, stream>>>(
-          blk.data_ptr<float>(), r1 - r0, n, s.data_ptr<float>(), gr.data_ptr<float>() + r0,
-          lr.data_ptr<float>() + r0, nullptr, gc.data_ptr<float>(), lc.data_ptr<float>(), r0,
-          grad_scale.data_ptr<float>());
+      backward_block_kernel<<<r1 - r0, kRowThreads, 0, stream>>>(
+          blk.data_ptr<float>(), n, s.data_ptr<float>(), gr.data_ptr<float>() + r0, lr.data_ptr<float>() + r0,
+          nullptr, gc.data_ptr<float>(), lc.data_ptr<float>(), r0, scale_terms.data_ptr<float>() + r0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       backprop_block(blk, q_blk, kc, grad_q.narrow(0, r0, r1 - r0), grad_k);
     });
   }
-  return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_scale.reshape({}).to(scale.scalar_type())};
+  const auto grad_scale = scale_terms.sum(at::kDouble).to(scale.scalar_type()).reshape(scale.sizes());
+  return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_scale};
 }
 
 TORCH_LIBRARY_IMPL(pyprotoclip, CUDA, m) {

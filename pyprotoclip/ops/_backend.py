@@ -55,3 +55,11 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
             stacklevel=3,
         )
     return chosen
+
+
+def choose(backend: str, t: torch.Tensor, op: str) -> str:
+    """``resolve`` for an op whose main input is ``t``. float64 asks for exactness, so ``auto`` gives
+    it to the reference (the kernels accumulate in fp32); ``compiled`` still runs the kernel."""
+    if backend == "auto" and t.dtype == torch.float64:
+        return "reference"
+    return resolve(backend, t.device, op)

@@ -32,13 +32,6 @@ def _validate_pair(name_a: str, a: object, name_b: str, b: object, *, same_rows:
     return a, b
 
 
-def _choose(backend: str, t: torch.Tensor, op: str) -> str:
-    # float64 asks for exactness: ``auto`` gives it to the reference (the kernels accumulate in fp32).
-    if backend == "auto" and t.dtype == torch.float64:
-        return "reference"
-    return _backend.resolve(backend, t.device, op)
-
-
 def similarity_cross_entropy(
     q: torch.Tensor, k: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | float, *, backend: str = "auto"
 ) -> torch.Tensor:
@@ -64,7 +57,7 @@ def similarity_cross_entropy(
     if _checks.value_checks_enabled() and bool(((targets < 0) | (targets >= k.shape[0])).any()):
         raise ValueError(f"targets: expected values in [0, {k.shape[0]}), got [{int(targets.min())}, {int(targets.max())}]")
     scale = _checks.scalar("scale", scale, q.device)
-    if _choose(backend, q, "similarity_cross_entropy") == "reference":
+    if _backend.choose(backend, q, "similarity_cross_entropy") == "reference":
         return reference.similarity_cross_entropy(q, k, targets, scale)[0]
     return torch.ops.pyprotoclip.similarity_cross_entropy(q, k, targets, scale)[0]
 
@@ -97,7 +90,7 @@ def infonce_loss(
         "image_features", image_features, "text_features", text_features, same_rows=True
     )
     scale = _checks.scalar("logit_scale", logit_scale, image_features.device)
-    chosen = _choose(backend, image_features, "infonce_loss")
+    chosen = _backend.choose(backend, image_features, "infonce_loss")
     if not pdist.is_distributed(group):
         if chosen == "reference":
             loss_rows, loss_cols, _, _ = reference.symmetric_similarity_cross_entropy(image_features, text_features, scale)

@@ -298,3 +298,16 @@ def test_bad_backend_name():
 def test_direct_op_call_checks_bounds():
     with pytest.raises(RuntimeError, match="targets"):
         torch.ops.pyprotoclip.similarity_cross_entropy(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 3]), torch.tensor(1.0))
+
+
+@needs_compiled
+def test_direct_op_scale_of_shape_one_gets_gradient_of_same_shape():
+    q = _features(4, 8, "cpu").requires_grad_()
+    k = _features(6, 8, "cpu").requires_grad_()
+    scale = torch.tensor([2.0], requires_grad=True)
+    loss, _ = torch.ops.pyprotoclip.similarity_cross_entropy(q, k, torch.tensor([0, 1, 2, 5]), scale)
+    loss.sum().backward()
+    s64 = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    reference.similarity_cross_entropy(q.detach().double(), k.detach().double(), torch.tensor([0, 1, 2, 5]), s64)[0].sum().backward()
+    assert scale.grad.shape == (1,)
+    assert_close_verbose(scale.grad[0], s64.grad, atol=1e-5, name="grad scale")
