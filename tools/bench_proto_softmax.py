@@ -15,8 +15,11 @@ repetitions (>= 5 on CPU, >= 20 on GPU). Peak memory is measured in separate run
   * CPU: torch has no CPU peak counter, so a background thread polls the process's resident set size
     (/proc/self/statm) every 0.5 ms during the call; peak bytes = max RSS seen - RSS just before. The ops'
     big buffers are page-faulted in when first written and returned to the OS when freed (glibc serves
-    allocations of more than a few MiB with mmap), so RSS follows the live tensors; allocations that live
-    less than the polling interval can be missed, which only matters for small ones.
+    allocations above its mmap threshold with mmap), so RSS follows the live tensors. It is a lower bound:
+    allocations that live less than the polling interval can be missed, and ones below glibc's (dynamic,
+    at most 32 MiB) mmap threshold may reuse heap pages that are already resident and then do not show
+    at all (the compiled teacher mode's two 16 MiB block buffers can read as 0). Both only matter for
+    small allocations; the reference's (B, K) tensors are far above them.
 Results: benchmarks/results/proto_softmax-<device>.json (one row per provider, mode, shape, dtype and phase)
 and a PNG drawn from that JSON by ``plot``.
 """
