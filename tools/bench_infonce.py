@@ -72,9 +72,9 @@ def setup(batch: int, dim: int, dtype: torch.dtype, device: str):
 def measure(provider: str, batch: int, dim: int, dtype_name: str, device: str, repeats: int) -> dict:
     """One (provider, shape, dtype): peak memory of a first forward+backward, then the timings."""
     fn = loss_fn(provider)
-    # a tiny first call loads what every provider loads once (kernels, thread pools, BLAS buffers),
-    # so that the peak below is the memory of this shape only
-    tiny = setup(64, dim, DTYPES[dtype_name], device)
+    # a first, smaller call loads what every provider loads once (kernels, thread pools, BLAS
+    # buffers), so that the peak below is the memory of this shape only
+    tiny = setup(min(batch, 2048), dim, DTYPES[dtype_name], device)
     fn(tiny[0], tiny[1], tiny[2].exp()).backward()
     del tiny
     image, text, log_scale = setup(batch, dim, DTYPES[dtype_name], device)

@@ -72,7 +72,10 @@ def peak_bytes(fn: Callable[[], Any], *, device: str) -> int:
 
 def run_isolated(script: str, args: list[str], timeout: float = 3600) -> dict[str, Any]:
     """Run ``python script args`` in a fresh process that prints one JSON object on its last line."""
-    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout)
+    # A fixed mmap threshold makes glibc return every large block to the OS when it is freed, so
+    # RSS follows live memory instead of keeping freed buffers around for reuse.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{script} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
