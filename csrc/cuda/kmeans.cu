@@ -124,8 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cuda(
   auto counts = at::zeros({k}, f32);
   if (n == 0 || d == 0) return {assign, score, sums, counts};
 
-  // GEMM operands in x's dtype (tensor cores); fp64 goes to fp32, which cuBLAS can write as fp32.
-  const auto xc = x.scalar_type() == at::kDouble ? x.contiguous().to(at::kFloat) : x.contiguous();
+  // GEMM operands in x's dtype for half/bf16 (tensor cores), fp32 otherwise (tiling.h).
+  const auto xc = gemm_operand(x);
   auto cf = centroids.to(at::kFloat);
   if (cosine) cf = cf / at::linalg_vector_norm(cf, 2, {1}, true).clamp_min(kNormEps);
   const auto cg = cf.to(xc.scalar_type()).contiguous();  // (k, d)

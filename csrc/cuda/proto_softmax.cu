@@ -26,11 +26,6 @@ constexpr int64_t kCudaBlockElems = int64_t(32) << 20;
 
 enum Mode : int { kHard = 0, kSoft = 1, kTeacher = 2 };
 
-// Operand for the GEMMs: the input dtype (tensor cores) except fp64, which cuBLAS cannot write as fp32.
-at::Tensor operand(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? t.contiguous().to(at::kFloat) : gemm_operand(t);
-}
-
 void check_features(const char* op, const at::Tensor& f, const at::Tensor& p, const at::Tensor& temperature) {
   TORCH_CHECK(f.dim() == 2, op, ": features: expected a 2-D tensor (n, d), got ", f.sizes());
   TORCH_CHECK(p.dim() == 2, op, ": prototypes: expected a 2-D tensor (k, d), got ", p.sizes());
@@ -43,11 +38,6 @@ void check_features(const char* op, const at::Tensor& f, const at::Tensor& p, co
   TORCH_CHECK(f.device() == p.device(), op, ": prototypes: expected device ", f.device(), ", got ", p.device());
   TORCH_CHECK(p.size(0) > 0, op, ": prototypes: expected at least one row");
   TORCH_CHECK(temperature.numel() == 1, op, ": temperature: expected a scalar tensor, got ", temperature.sizes());
-}
-
-// 0-d fp32 copy of a scalar on the kernels' device (its value is read by the kernels: no host sync).
-at::Tensor device_scalar(const at::Tensor& t, const at::Tensor& like) {
-  return t.reshape({}).to(like.device(), at::kFloat).contiguous();
 }
 
 struct Targets {
@@ -90,9 +80,9 @@ Targets check_targets(const char* op, const at::Tensor& features, int64_t n, int
     TORCH_CHECK(tf.device() == features.device() && tc.device() == features.device(), op,
                 ": teacher_features: expected device ", features.device());
     TORCH_CHECK(teacher_temperature->numel() == 1, op, ": teacher_temperature: expected a scalar tensor");
-    t.tf = operand(tf);
-    t.tc = operand(tc);
-    t.tau_t = device_scalar(*teacher_temperature, features);
+    t.tf = gemm_operand(tf);
+    t.tc = gemm_operand(tc);
+    t.tau_t = device_scalar(*teacher_temperature, features.device());
   }
   return t;
 }
@@ -211,8 +201,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cuda(
   auto loss = at::empty({n}, f32), lse = at::empty({n}, f32);
   auto teacher_lse = at::empty({tg.mode == kTeacher ? n : 0}, f32);
   if (n == 0) return {loss, lse, teacher_lse};
-  const auto tau = device_scalar(temperature, features);
-  const auto ff = operand(features), pf = operand(prototypes);
+  const auto tau = device_scalar(temperature, features.device());
+  const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
   const int64_t rows = rows_for(tg, n, k);
   auto buffer = at::empty({rows, k}, f32);
   auto tbuffer = tg.mode == kTeacher ? at::empty({rows, k}, f32) : at::Tensor();
@@ -256,9 +246,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cuda(
   const bool need_f = output_mask[0], need_p = output_mask[1], need_t = output_mask[2];
   auto grad_f = at::zeros({n, d}, f32), grad_p = at::zeros({k, d}, f32);
   auto tau_terms = at::zeros({n}, f32);
-  const auto tau = device_scalar(temperature, features);
+  const auto tau = device_scalar(temperature, features.device());
   if (n > 0 && (need_f || need_p || need_t)) {
-    const auto ff = operand(features), pf = operand(prototypes);
+    const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
     const auto gl = grad_loss.to(at::kFloat).contiguous(), ls = lse.to(at::kFloat).contiguous();
     const auto gs = grad_lse ? grad_lse->to(at::kFloat).contiguous() : at::Tensor();
     const auto tls = tg.mode == kTeacher ? teacher_lse.to(at::kFloat).contiguous() : at::Tensor();
@@ -308,8 +298,8 @@ at::Tensor proto_assign_cuda(const at::Tensor& features, const at::Tensor& proto
   const int64_t n = features.size(0), k = prototypes.size(0);
   auto out = at::empty({n, k}, features.options());
   if (n == 0) return out;
-  const auto inv_tau = device_scalar(temperature, features).reciprocal();
-  const auto ff = operand(features), pf = operand(prototypes);
+  const auto inv_tau = device_scalar(temperature, features.device()).reciprocal();
+  const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
   const int64_t rows = block_rows(n, k, kCudaBlockElems);
   auto buffer = at::empty({rows, k}, features.options().dtype(at::kFloat));
   for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
@@ -330,8 +320,8 @@ std::tuple<at::Tensor, at::Tensor> proto_assign_topk_cuda(const at::Tensor& feat
   auto values = at::empty({n, topk}, features.options());
   auto indices = at::empty({n, topk}, features.options().dtype(at::kLong));
   if (n == 0) return {values, indices};
-  const auto inv_tau = device_scalar(temperature, features).reciprocal();
-  const auto ff = operand(features), pf = operand(prototypes);
+  const auto inv_tau = device_scalar(temperature, features.device()).reciprocal();
+  const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
   const int64_t rows = block_rows(n, k, kCudaBlockElems);
   auto buffer = at::empty({rows, k}, features.options().dtype(at::kFloat));
   for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
@@ -358,9 +348,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cuda(
   const auto f32 = features.options().dtype(at::kFloat);
   auto grad_f = at::zeros({n, d}, f32), grad_p = at::zeros({k, d}, f32);
   auto tau_acc = at::zeros({}, f32);
-  const auto inv_tau = device_scalar(temperature, features).reciprocal();
+  const auto inv_tau = device_scalar(temperature, features.device()).reciprocal();
   if (n > 0) {
-    const auto ff = operand(features), pf = operand(prototypes);
+    const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
     const int64_t rows = block_rows(n, k, kCudaBlockElems);
     auto buffer = at::empty({rows, k}, f32);
     for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
