@@ -25,6 +25,9 @@ inline int64_t block_rows(int64_t n, int64_t cols, int64_t budget = kBlockElems)
   return std::max<int64_t>(1, std::min<int64_t>(n, rows));
 }
 
+// The block budget (fp32 values) for kernels running on `like`'s device.
+inline int64_t block_budget(const at::Tensor& like) { return like.is_cuda() ? kBlockElemsCuda : kBlockElems; }
+
 inline int64_t block_rows(int64_t n, int64_t cols, const at::Tensor& like) {
   return block_rows(n, cols, like.is_cuda() ? kBlockElemsCuda : kBlockElems);
 }

@@ -105,8 +105,8 @@ Targets check_targets(const char* op, int64_t n, int64_t k, const std::optional<
 }
 
 // Rows per block: the teacher needs a second (rows, k) buffer, so each gets half the budget.
-int64_t rows_for(const Targets& t, int64_t n, int64_t k) {
-  return block_rows(n, k, t.mode == Mode::kTeacher ? kBlockElems / 2 : kBlockElems);
+int64_t rows_for(const Targets& t, int64_t n, int64_t k, const at::Tensor& like) {
+  return block_rows(n, k, t.mode == Mode::kTeacher ? block_budget(like) / 2 : block_budget(like));
 }
 
 // out[j] -= mul * y[j]
@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
   float *loss_p = loss.data_ptr<float>(), *lse_p = lse.data_ptr<float>();
   float* tlse_p = tg.mode == Mode::kTeacher ? teacher_lse.data_ptr<float>() : nullptr;
   const int64_t* idx_p = tg.mode == Mode::kHard ? tg.index.data_ptr<int64_t>() : nullptr;
-  const int64_t rows = rows_for(tg, n, k);
+  const int64_t rows = rows_for(tg, n, k, features);
   auto buffer = at::empty({rows, k}, f32);
   auto tbuffer = tg.mode == Mode::kTeacher ? at::empty({rows, k}, f32) : at::Tensor();
   for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
@@ -218,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cpu(
     const float* gsp = gs.defined() ? gs.data_ptr<float>() : nullptr;
     const float* tlp = tls.defined() ? tls.data_ptr<float>() : nullptr;
     const int64_t* idx_p = tg.mode == Mode::kHard ? tg.index.data_ptr<int64_t>() : nullptr;
-    const int64_t rows = rows_for(tg, n, k);
+    const int64_t rows = rows_for(tg, n, k, features);
     auto buffer = at::empty({rows, k}, f32);
     auto tbuffer = tg.mode == Mode::kTeacher ? at::empty({rows, k}, f32) : at::Tensor();
     for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
@@ -293,7 +293,7 @@ at::Tensor proto_assign_cpu(const at::Tensor& features, const at::Tensor& protot
   const float it = 1.0f / positive_value(op, "temperature", temperature);
   const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
   const bool direct = out.scalar_type() == at::kFloat;  // fp32: the output rows are the block
-  const int64_t rows = block_rows(n, k);
+  const int64_t rows = block_rows(n, k, features);
   auto buffer = direct ? at::Tensor() : at::empty({rows, k}, ff.options());
   for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
     auto blk = direct ? out.narrow(0, r0, r1 - r0) : block_view(buffer, r1 - r0);
@@ -321,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor> proto_assign_topk_cpu(const at::Tensor& featu
   if (n == 0) return {values, indices};
   const float it = 1.0f / positive_value(op, "temperature", temperature);
   const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
-  const int64_t rows = block_rows(n, k);
+  const int64_t rows = block_rows(n, k, features);
   auto buffer = at::empty({rows, k}, ff.options());
   auto lse = at::empty({rows, 1}, ff.options());
   for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
@@ -356,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cpu(
   if (n > 0) {
     it = 1.0f / positive_value(op, "temperature", temperature);
     const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
-    const int64_t rows = block_rows(n, k);
+    const int64_t rows = block_rows(n, k, features);
     auto buffer = at::empty({rows, k}, f32);
     for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
       const auto f_blk = ff.narrow(0, r0, r1 - r0);

@@ -17,8 +17,6 @@ namespace pyprotoclip {
 namespace {
 
 constexpr int kWarpsPerCta = 8;  // one warp per point: a row of the block is k_c floats, d is small
-// fp32 values per GEMM block (128 MiB): big GEMMs for the tensor cores, still O(block), never O(n k).
-constexpr int64_t kCudaBlockElems = int64_t(32) << 20;
 // Centroids per GEMM: above this the running argmin carries the best across centroid blocks.
 constexpr int64_t kCentroidBlock = 65536;
 // Same epsilon as torch.nn.functional.normalize.
@@ -135,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cuda(
   if (weights.has_value()) w = weights->to(at::kFloat).contiguous();
 
   const int64_t kc_max = std::min(k, kCentroidBlock);
-  const int64_t rows_max = block_rows(n, kc_max, kCudaBlockElems);
+  const int64_t rows_max = block_rows(n, kc_max, xc);
   auto buffer = at::empty({rows_max * kc_max}, f32);
   const auto stream = at::cuda::getCurrentCUDAStream();
 

@@ -20,9 +20,6 @@ namespace {
 using cuda::MaxSum;
 
 constexpr int kRowThreads = 256;  // one CTA per row: k is large (thousands), 256 threads stream a row
-// Logits per block on the GPU (128 MiB fp32): 512 rows at k = 65536, so the epilogue launches several
-// CTAs per SM and each GEMM is large enough for the tensor cores; still O(block), never O(n k).
-constexpr int64_t kCudaBlockElems = int64_t(32) << 20;
 
 enum Mode : int { kHard = 0, kSoft = 1, kTeacher = 2 };
 
@@ -87,8 +84,9 @@ Targets check_targets(const char* op, const at::Tensor& features, int64_t n, int
   return t;
 }
 
-int64_t rows_for(const Targets& t, int64_t n, int64_t k) {
-  return block_rows(n, k, t.mode == kTeacher ? kCudaBlockElems / 2 : kCudaBlockElems);
+// Rows per block (tiling.h's CUDA budget): the teacher needs a second (rows, k) buffer, so each gets half.
+int64_t rows_for(const Targets& t, int64_t n, int64_t k, const at::Tensor& like) {
+  return block_rows(n, k, t.mode == kTeacher ? block_budget(like) / 2 : block_budget(like));
 }
 
 // Forward epilogue, one CTA per row i of a block of raw dots x (a = x / tau):
@@ -203,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cuda(
   if (n == 0) return {loss, lse, teacher_lse};
   const auto tau = device_scalar(temperature, features.device());
   const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
-  const int64_t rows = rows_for(tg, n, k);
+  const int64_t rows = rows_for(tg, n, k, features);
   auto buffer = at::empty({rows, k}, f32);
   auto tbuffer = tg.mode == kTeacher ? at::empty({rows, k}, f32) : at::Tensor();
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -252,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cuda(
     const auto gl = grad_loss.to(at::kFloat).contiguous(), ls = lse.to(at::kFloat).contiguous();
     const auto gs = grad_lse ? grad_lse->to(at::kFloat).contiguous() : at::Tensor();
     const auto tls = tg.mode == kTeacher ? teacher_lse.to(at::kFloat).contiguous() : at::Tensor();
-    const int64_t rows = rows_for(tg, n, k);
+    const int64_t rows = rows_for(tg, n, k, features);
     auto buffer = at::empty({rows, k}, f32);
     auto tbuffer = tg.mode == kTeacher ? at::empty({rows, k}, f32) : at::Tensor();
     auto stream = at::cuda::getCurrentCUDAStream();
@@ -300,7 +298,7 @@ at::Tensor proto_assign_cuda(const at::Tensor& features, const at::Tensor& proto
   if (n == 0) return out;
   const auto inv_tau = device_scalar(temperature, features.device()).reciprocal();
   const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
-  const int64_t rows = block_rows(n, k, kCudaBlockElems);
+  const int64_t rows = block_rows(n, k, features);
   auto buffer = at::empty({rows, k}, features.options().dtype(at::kFloat));
   for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
     auto blk = block_view(buffer, r1 - r0);
@@ -322,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor> proto_assign_topk_cuda(const at::Tensor& feat
   if (n == 0) return {values, indices};
   const auto inv_tau = device_scalar(temperature, features.device()).reciprocal();
   const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
-  const int64_t rows = block_rows(n, k, kCudaBlockElems);
+  const int64_t rows = block_rows(n, k, features);
   auto buffer = at::empty({rows, k}, features.options().dtype(at::kFloat));
   for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
     auto blk = block_view(buffer, r1 - r0);
@@ -351,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cuda(
   const auto inv_tau = device_scalar(temperature, features.device()).reciprocal();
   if (n > 0) {
     const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
-    const int64_t rows = block_rows(n, k, kCudaBlockElems);
+    const int64_t rows = block_rows(n, k, features);
     auto buffer = at::empty({rows, k}, f32);
     for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
       const auto f_blk = ff.narrow(0, r0, r1 - r0);
