@@ -105,9 +105,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cuda(
     const at::Tensor& x, const at::Tensor& centroids, const std::optional<at::Tensor>& weights,
     std::string_view metric);
 #endif
-// Argument checks shared by both devices (TORCH_CHECK naming the argument).
-void kmeans_check_inputs(const at::Tensor& x, const at::Tensor& centroids, const std::optional<at::Tensor>& weights);
-bool kmeans_metric_is_cosine(std::string_view metric);
 // END kmeans declarations
 
 }  // namespace pyprotoclip

@@ -9,6 +9,7 @@
 #include <limits>
 #include <string_view>
 
+#include "../kmeans_checks.h"
 #include "../ops.h"
 #include "../tiling.h"
 #include "rowops.h"
@@ -24,8 +25,6 @@ constexpr int64_t kCentroidBlock = 8192;
 constexpr int64_t kBlockBudget = int64_t(4) << 20;
 // Minimum elements of work per parallel chunk: below this a parallel section costs more than it saves.
 constexpr int64_t kMinChunkWork = int64_t(1) << 15;
-// Same epsilon as torch.nn.functional.normalize, so a zero vector normalises to zero here too.
-constexpr float kNormEps = 1e-12f;
 // Independent partial minima: without -ffast-math this is what lets the compiler vectorise.
 constexpr int64_t kLanes = 16;
 
@@ -60,35 +59,6 @@ float shift_and_min(float* row, const float* c_sq, int64_t m) {
 }
 
 }  // namespace
-
-bool kmeans_metric_is_cosine(std::string_view metric) {
-  TORCH_CHECK(metric == "l2" || metric == "cosine", "kmeans_update: metric: expected 'l2' or 'cosine', got '",
-              std::string(metric), "'");
-  return metric == "cosine";
-}
-
-void kmeans_check_inputs(const at::Tensor& x, const at::Tensor& centroids, const std::optional<at::Tensor>& weights) {
-  TORCH_CHECK(x.dim() == 2, "kmeans_update: x: expected a 2-D tensor (n, d), got ", x.sizes());
-  TORCH_CHECK(centroids.dim() == 2, "kmeans_update: centroids: expected a 2-D tensor (k, d), got ", centroids.sizes());
-  TORCH_CHECK(centroids.size(1) == x.size(1), "kmeans_update: centroids: expected feature size ", x.size(1),
-              " (as x), got ", centroids.size(1));
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "kmeans_update: x: expected a floating dtype, got ",
-              x.scalar_type());
-  TORCH_CHECK(at::isFloatingType(centroids.scalar_type()),
-              "kmeans_update: centroids: expected a floating dtype, got ", centroids.scalar_type());
-  TORCH_CHECK(centroids.device() == x.device(), "kmeans_update: centroids: expected device ", x.device(), ", got ",
-              centroids.device());
-  TORCH_CHECK(x.size(0) == 0 || centroids.size(0) > 0, "kmeans_update: centroids: expected at least one centroid");
-  if (weights.has_value()) {
-    const auto& w = *weights;
-    TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(0), "kmeans_update: weights: expected shape (", x.size(0),
-                ",), got ", w.sizes());
-    TORCH_CHECK(at::isFloatingType(w.scalar_type()), "kmeans_update: weights: expected a floating dtype, got ",
-                w.scalar_type());
-    TORCH_CHECK(w.device() == x.device(), "kmeans_update: weights: expected device ", x.device(), ", got ",
-                w.device());
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cpu(
     const at::Tensor& x, const at::Tensor& centroids, const std::optional<at::Tensor>& weights,

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "../proto_checks.h"
 #include "../tiling.h"
 #include "rowops.h"
 
@@ -28,7 +29,7 @@ constexpr int64_t kGrainLogits = int64_t(1) << 15;
 
 int64_t row_grain(int64_t k) { return std::max<int64_t>(1, kGrainLogits / std::max<int64_t>(k, 1)); }
 
-enum class Mode { kHard, kSoft, kTeacher };
+using Mode = ProtoTargetKind;
 
 struct Targets {
   Mode mode;
@@ -39,67 +40,23 @@ struct Targets {
   float inv_tau_t = 1.0f;
 };
 
-void check_features(const char* op, const at::Tensor& f, const at::Tensor& p, const at::Tensor& temperature) {
-  TORCH_CHECK(f.dim() == 2, op, ": features: expected a 2-D tensor (n, d), got ", f.sizes());
-  TORCH_CHECK(p.dim() == 2, op, ": prototypes: expected a 2-D tensor (k, d), got ", p.sizes());
-  TORCH_CHECK(f.size(1) == p.size(1), op, ": prototypes: expected feature size ", f.size(1), " (as features), got ",
-              p.size(1));
-  TORCH_CHECK(at::isFloatingType(f.scalar_type()), op, ": features: expected a floating dtype, got ",
-              f.scalar_type());
-  TORCH_CHECK(f.scalar_type() == p.scalar_type(), op, ": prototypes: expected dtype ", f.scalar_type(), ", got ",
-              p.scalar_type());
-  TORCH_CHECK(f.device() == p.device(), op, ": prototypes: expected device ", f.device(), ", got ", p.device());
-  TORCH_CHECK(p.size(0) > 0, op, ": prototypes: expected at least one row");
-  TORCH_CHECK(temperature.numel() == 1, op, ": temperature: expected a scalar tensor, got ", temperature.sizes());
-}
-
-float positive_value(const char* op, const char* name, const at::Tensor& t) {
-  const float v = t.to(at::kFloat).item<float>();
-  TORCH_CHECK(std::isfinite(v) && v > 0.0f, op, ": ", name, ": expected a finite value > 0, got ", v);
-  return v;
-}
-
-// Exactly one target kind; checked so that a direct torch.ops call can never read out of bounds.
-Targets check_targets(const char* op, int64_t n, int64_t k, const std::optional<at::Tensor>& target_index,
-                      const std::optional<at::Tensor>& target_probs, const std::optional<at::Tensor>& teacher_features,
-                      const std::optional<at::Tensor>& teacher_prototypes,
-                      const std::optional<at::Tensor>& teacher_temperature) {
-  const int given = int(target_index.has_value()) + int(target_probs.has_value()) + int(teacher_features.has_value());
-  TORCH_CHECK(given == 1, op, ": target_index: expected exactly one of target_index, target_probs, teacher_features");
+// The checked target (proto_checks.h) in the form the epilogues read it.
+Targets make_targets(const char* op, const at::Tensor& features, int64_t k,
+                     const std::optional<at::Tensor>& target_index, const std::optional<at::Tensor>& target_probs,
+                     const std::optional<at::Tensor>& teacher_features,
+                     const std::optional<at::Tensor>& teacher_prototypes,
+                     const std::optional<at::Tensor>& teacher_temperature) {
   Targets t;
-  if (target_index) {
-    t.mode = Mode::kHard;
-    const auto& ti = *target_index;
-    TORCH_CHECK(ti.dim() == 1 && ti.size(0) == n, op, ": target_index: expected shape (", n, ",), got ", ti.sizes());
-    TORCH_CHECK(ti.scalar_type() == at::kLong, op, ": target_index: expected int64, got ", ti.scalar_type());
-    if (n > 0) {
-      const auto lo = ti.min().item<int64_t>(), hi = ti.max().item<int64_t>();
-      TORCH_CHECK(lo >= 0 && hi < k, op, ": target_index: expected values in [0, ", k, "), got [", lo, ", ", hi, "]");
-    }
-    t.index = ti.contiguous();
-  } else if (target_probs) {
-    t.mode = Mode::kSoft;
-    const auto& tp = *target_probs;
-    TORCH_CHECK(tp.dim() == 2 && tp.size(0) == n && tp.size(1) == k, op, ": target_probs: expected shape (", n, ", ",
-                k, "), got ", tp.sizes());
-    TORCH_CHECK(at::isFloatingType(tp.scalar_type()), op, ": target_probs: expected a floating dtype, got ",
-                tp.scalar_type());
-    t.probs = tp;
+  t.mode = check_proto_targets(op, features, k, target_index, target_probs, teacher_features, teacher_prototypes,
+                               teacher_temperature);
+  if (t.mode == Mode::kHard) {
+    t.index = target_index->contiguous();
+  } else if (t.mode == Mode::kSoft) {
+    t.probs = *target_probs;
   } else {
-    t.mode = Mode::kTeacher;
-    TORCH_CHECK(teacher_prototypes.has_value() && teacher_temperature.has_value(), op,
-                ": teacher_prototypes: expected teacher_prototypes and teacher_temperature with teacher_features");
-    const auto &tf = *teacher_features, &tc = *teacher_prototypes;
-    TORCH_CHECK(tf.dim() == 2 && tf.size(0) == n, op, ": teacher_features: expected shape (", n, ", dt), got ",
-                tf.sizes());
-    TORCH_CHECK(tc.dim() == 2 && tc.size(0) == k && tc.size(1) == tf.size(1), op,
-                ": teacher_prototypes: expected shape (", k, ", ", tf.size(1), "), got ", tc.sizes());
-    TORCH_CHECK(at::isFloatingType(tf.scalar_type()) && at::isFloatingType(tc.scalar_type()), op,
-                ": teacher_features: expected floating dtypes");
-    TORCH_CHECK(teacher_temperature->numel() == 1, op, ": teacher_temperature: expected a scalar tensor");
     t.inv_tau_t = 1.0f / positive_value(op, "teacher_temperature", *teacher_temperature);
-    t.tf = gemm_operand(tf);
-    t.tc = gemm_operand(tc);
+    t.tf = gemm_operand(*teacher_features);
+    t.tc = gemm_operand(*teacher_prototypes);
   }
   return t;
 }
@@ -128,10 +85,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
     const std::optional<at::Tensor>& teacher_features, const std::optional<at::Tensor>& teacher_prototypes,
     const std::optional<at::Tensor>& teacher_temperature) {
   const char* op = "proto_softmax_loss";
-  check_features(op, features, prototypes, temperature);
+  check_proto_features(op, features, prototypes, temperature);
   const int64_t n = features.size(0), k = prototypes.size(0);
-  const Targets tg = check_targets(op, n, k, target_index, target_probs, teacher_features, teacher_prototypes,
-                                   teacher_temperature);
+  const Targets tg = make_targets(op, features, k, target_index, target_probs, teacher_features, teacher_prototypes,
+                                  teacher_temperature);
   const auto f32 = features.options().dtype(at::kFloat);
   auto loss = at::empty({n}, f32), lse = at::empty({n}, f32);
   auto teacher_lse = at::empty({tg.mode == Mode::kTeacher ? n : 0}, f32);
@@ -196,13 +153,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cpu(
     const std::optional<at::Tensor>& teacher_prototypes, const std::optional<at::Tensor>& teacher_temperature,
     const at::Tensor& lse, const at::Tensor& teacher_lse, std::array<bool, 3> output_mask) {
   const char* op = "_proto_softmax_loss_backward";
-  check_features(op, features, prototypes, temperature);
+  check_proto_features(op, features, prototypes, temperature);
   const int64_t n = features.size(0), k = prototypes.size(0), d = features.size(1);
-  const Targets tg = check_targets(op, n, k, target_index, target_probs, teacher_features, teacher_prototypes,
-                                   teacher_temperature);
-  TORCH_CHECK(grad_loss.numel() == n && lse.numel() == n, op, ": grad_loss, lse: expected ", n, " values");
-  TORCH_CHECK(!grad_lse || grad_lse->numel() == n, op, ": grad_lse: expected ", n, " values");
-  TORCH_CHECK(tg.mode != Mode::kTeacher || teacher_lse.numel() == n, op, ": teacher_lse: expected ", n, " values");
+  const Targets tg = make_targets(op, features, k, target_index, target_probs, teacher_features, teacher_prototypes,
+                                  teacher_temperature);
+  check_proto_loss_grads(op, n, grad_loss, grad_lse, lse, tg.mode, teacher_lse);
   const auto f32 = features.options().dtype(at::kFloat);
   const bool need_f = output_mask[0], need_p = output_mask[1], need_t = output_mask[2];
   auto grad_f = at::zeros({n, d}, f32), grad_p = at::zeros({k, d}, f32);
@@ -286,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cpu(
 
 at::Tensor proto_assign_cpu(const at::Tensor& features, const at::Tensor& prototypes, const at::Tensor& temperature) {
   const char* op = "proto_assign";
-  check_features(op, features, prototypes, temperature);
+  check_proto_features(op, features, prototypes, temperature);
   const int64_t n = features.size(0), k = prototypes.size(0);
   auto out = at::empty({n, k}, features.options());
   if (n == 0) return out;
@@ -313,9 +268,9 @@ at::Tensor proto_assign_cpu(const at::Tensor& features, const at::Tensor& protot
 std::tuple<at::Tensor, at::Tensor> proto_assign_topk_cpu(const at::Tensor& features, const at::Tensor& prototypes,
                                                          const at::Tensor& temperature, int64_t topk) {
   const char* op = "proto_assign_topk";
-  check_features(op, features, prototypes, temperature);
+  check_proto_features(op, features, prototypes, temperature);
   const int64_t n = features.size(0), k = prototypes.size(0);
-  TORCH_CHECK(topk >= 1 && topk <= k, op, ": k: expected a value in [1, ", k, "], got ", topk);
+  check_proto_topk(op, topk, k);
   auto values = at::empty({n, topk}, features.options());
   auto indices = at::empty({n, topk}, features.options().dtype(at::kLong));
   if (n == 0) return {values, indices};
@@ -345,10 +300,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cpu(
     const at::Tensor& grad_probs, const at::Tensor& features, const at::Tensor& prototypes,
     const at::Tensor& temperature, std::array<bool, 3> output_mask) {
   const char* op = "_proto_assign_backward";
-  check_features(op, features, prototypes, temperature);
+  check_proto_features(op, features, prototypes, temperature);
   const int64_t n = features.size(0), k = prototypes.size(0), d = features.size(1);
-  TORCH_CHECK(grad_probs.dim() == 2 && grad_probs.size(0) == n && grad_probs.size(1) == k, op,
-              ": grad_probs: expected shape (", n, ", ", k, "), got ", grad_probs.sizes());
+  check_proto_grad_probs(op, grad_probs, n, k);
   const auto f32 = features.options().dtype(at::kFloat);
   auto grad_f = at::zeros({n, d}, f32), grad_p = at::zeros({k, d}, f32);
   double tau_acc = 0.0;

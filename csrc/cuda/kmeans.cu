@@ -10,6 +10,7 @@
 
 #include <cmath>
 
+#include "../kmeans_checks.h"
 #include "../ops.h"
 #include "../tiling.h"
 
@@ -19,8 +20,6 @@ namespace {
 constexpr int kWarpsPerCta = 8;  // one warp per point: a row of the block is k_c floats, d is small
 // Centroids per GEMM: above this the running argmin carries the best across centroid blocks.
 constexpr int64_t kCentroidBlock = 65536;
-// Same epsilon as torch.nn.functional.normalize.
-constexpr float kNormEps = 1e-12f;
 
 // Is (v, i) a better candidate than (bv, bi)? Smaller distance (larger similarity), ties to the
 // lower index; bi < 0 means "none yet".

@@ -3,7 +3,9 @@
 // Tiling: row blocks of F against all of P (tiling.h); each block is one cuBLAS GEMM (tensor cores for
 // bf16/fp16, fp32 output) and a fused epilogue kernel, one CTA per row. The teacher takes one pass over
 // its row for its log-sum-exp and one for the loss. Saves the (n,) fp32 student (and teacher) lse for
-// backward, which recomputes each block and turns it into dL/dx in place.
+// backward, which recomputes each block and turns it into dL/dx in place. Values are not checked on the
+// host (it would synchronise; proto_checks.h): a temperature that is not finite and > 0, read on the
+// device, gives NaN results, and so does an out-of-range hard target (the Python API rejects both).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -11,6 +13,7 @@
 #include <optional>
 
 #include "../ops.h"
+#include "../proto_checks.h"
 #include "../tiling.h"
 #include "reduce.cuh"
 
@@ -21,98 +24,76 @@ using cuda::MaxSum;
 
 constexpr int kRowThreads = 256;  // one CTA per row: k is large (thousands), 256 threads stream a row
 
-enum Mode : int { kHard = 0, kSoft = 1, kTeacher = 2 };
-
-void check_features(const char* op, const at::Tensor& f, const at::Tensor& p, const at::Tensor& temperature) {
-  TORCH_CHECK(f.dim() == 2, op, ": features: expected a 2-D tensor (n, d), got ", f.sizes());
-  TORCH_CHECK(p.dim() == 2, op, ": prototypes: expected a 2-D tensor (k, d), got ", p.sizes());
-  TORCH_CHECK(f.size(1) == p.size(1), op, ": prototypes: expected feature size ", f.size(1), " (as features), got ",
-              p.size(1));
-  TORCH_CHECK(at::isFloatingType(f.scalar_type()), op, ": features: expected a floating dtype, got ",
-              f.scalar_type());
-  TORCH_CHECK(f.scalar_type() == p.scalar_type(), op, ": prototypes: expected dtype ", f.scalar_type(), ", got ",
-              p.scalar_type());
-  TORCH_CHECK(f.device() == p.device(), op, ": prototypes: expected device ", f.device(), ", got ", p.device());
-  TORCH_CHECK(p.size(0) > 0, op, ": prototypes: expected at least one row");
-  TORCH_CHECK(temperature.numel() == 1, op, ": temperature: expected a scalar tensor, got ", temperature.sizes());
-}
+using Mode = ProtoTargetKind;
 
 struct Targets {
   Mode mode;
   at::Tensor index, probs, tf, tc, tau_t;
 };
 
-Targets check_targets(const char* op, const at::Tensor& features, int64_t n, int64_t k,
-                      const std::optional<at::Tensor>& target_index, const std::optional<at::Tensor>& target_probs,
-                      const std::optional<at::Tensor>& teacher_features,
-                      const std::optional<at::Tensor>& teacher_prototypes,
-                      const std::optional<at::Tensor>& teacher_temperature) {
-  const int given = int(target_index.has_value()) + int(target_probs.has_value()) + int(teacher_features.has_value());
-  TORCH_CHECK(given == 1, op, ": target_index: expected exactly one of target_index, target_probs, teacher_features");
+// The checked target (proto_checks.h) in the form the kernels read it. An out-of-range hard target is
+// caught in the kernel (NaN loss, device assert); teacher_temperature stays on the device (no sync).
+Targets make_targets(const char* op, const at::Tensor& features, int64_t k,
+                     const std::optional<at::Tensor>& target_index, const std::optional<at::Tensor>& target_probs,
+                     const std::optional<at::Tensor>& teacher_features,
+                     const std::optional<at::Tensor>& teacher_prototypes,
+                     const std::optional<at::Tensor>& teacher_temperature) {
   Targets t;
-  if (target_index) {
-    t.mode = kHard;
-    const auto& ti = *target_index;
-    TORCH_CHECK(ti.dim() == 1 && ti.size(0) == n, op, ": target_index: expected shape (", n, ",), got ", ti.sizes());
-    TORCH_CHECK(ti.scalar_type() == at::kLong, op, ": target_index: expected int64, got ", ti.scalar_type());
-    TORCH_CHECK(ti.device() == features.device(), op, ": target_index: expected device ", features.device());
-    t.index = ti.contiguous();  // out-of-range values are caught in the kernel (NaN loss, device assert)
-  } else if (target_probs) {
-    t.mode = kSoft;
-    const auto& tp = *target_probs;
-    TORCH_CHECK(tp.dim() == 2 && tp.size(0) == n && tp.size(1) == k, op, ": target_probs: expected shape (", n, ", ",
-                k, "), got ", tp.sizes());
-    TORCH_CHECK(tp.device() == features.device(), op, ": target_probs: expected device ", features.device());
-    t.probs = tp;
+  t.mode = check_proto_targets(op, features, k, target_index, target_probs, teacher_features, teacher_prototypes,
+                               teacher_temperature);
+  if (t.mode == Mode::kHard) {
+    t.index = target_index->contiguous();
+  } else if (t.mode == Mode::kSoft) {
+    t.probs = *target_probs;
   } else {
-    t.mode = kTeacher;
-    TORCH_CHECK(teacher_prototypes.has_value() && teacher_temperature.has_value(), op,
-                ": teacher_prototypes: expected teacher_prototypes and teacher_temperature with teacher_features");
-    const auto &tf = *teacher_features, &tc = *teacher_prototypes;
-    TORCH_CHECK(tf.dim() == 2 && tf.size(0) == n, op, ": teacher_features: expected shape (", n, ", dt), got ",
-                tf.sizes());
-    TORCH_CHECK(tc.dim() == 2 && tc.size(0) == k && tc.size(1) == tf.size(1), op,
-                ": teacher_prototypes: expected shape (", k, ", ", tf.size(1), "), got ", tc.sizes());
-    TORCH_CHECK(tf.scalar_type() == tc.scalar_type(), op, ": teacher_prototypes: expected dtype ", tf.scalar_type());
-    TORCH_CHECK(tf.device() == features.device() && tc.device() == features.device(), op,
-                ": teacher_features: expected device ", features.device());
-    TORCH_CHECK(teacher_temperature->numel() == 1, op, ": teacher_temperature: expected a scalar tensor");
-    t.tf = gemm_operand(tf);
-    t.tc = gemm_operand(tc);
+    t.tf = gemm_operand(*teacher_features);
+    t.tc = gemm_operand(*teacher_prototypes);
     t.tau_t = device_scalar(*teacher_temperature, features.device());
   }
   return t;
 }
 
+// 1 / tau, or NaN unless tau is finite and > 0: a bad temperature gives NaN results instead of a
+// host-side check, which would synchronise (the Python API validates it).
+__device__ __forceinline__ float inverse_temperature(float tau) {
+  return (isfinite(tau) && tau > 0.0f) ? 1.0f / tau : NAN;
+}
+
+// The same for the paths built from torch ops: a 0-d fp32 tensor on the device.
+at::Tensor inverse_temperature_tensor(const at::Tensor& temperature, const at::Device& device) {
+  const auto tau = device_scalar(temperature, device);
+  return at::where(at::isfinite(tau) & (tau > 0), tau.reciprocal(), at::full({}, NAN, tau.options()));
+}
+
 // Rows per block (tiling.h's CUDA budget): the teacher needs a second (rows, k) buffer, so each gets half.
 int64_t rows_for(const Targets& t, int64_t n, int64_t k, const at::Tensor& like) {
-  return block_rows(n, k, t.mode == kTeacher ? block_budget(like) / 2 : block_budget(like));
+  return block_rows(n, k, t.mode == Mode::kTeacher ? block_budget(like) / 2 : block_budget(like));
 }
 
 // Forward epilogue, one CTA per row i of a block of raw dots x (a = x / tau):
 // lse_i, and loss_i = (sum_j q_ij) lse_i - sum_j q_ij a_ij. For the teacher, qx holds its raw dots.
 // A hard target outside [0, k) gives NaN (and trips the device assert in debug builds).
-__global__ void loss_forward_kernel(const float* __restrict__ x, const float* __restrict__ qx, int64_t k, int mode,
+__global__ void loss_forward_kernel(const float* __restrict__ x, const float* __restrict__ qx, int64_t k, Mode mode,
                                     const float* __restrict__ tau, const float* __restrict__ tau_t,
                                     const int64_t* __restrict__ index, float* __restrict__ loss,
                                     float* __restrict__ lse, float* __restrict__ teacher_lse) {
   __shared__ MaxSum shared_ms[32];
   __shared__ float shared[32];
   const int64_t i = blockIdx.x;
-  const float it = 1.0f / *tau;
+  const float it = inverse_temperature(*tau);
   const float* row = x + i * k;
   MaxSum acc{-INFINITY, 0.0f};
   for (int64_t j = threadIdx.x; j < k; j += blockDim.x) acc = cuda::combine(acc, MaxSum{it * row[j], 1.0f});
   acc = cuda::block_reduce(acc, shared_ms);
   const float l = acc.max + logf(acc.sum);
   float q_sum = 1.0f, qa = 0.0f;
-  if (mode == kHard) {
+  if (mode == Mode::kHard) {
     if (threadIdx.x == 0) {
       const int64_t t = index[i];
       CUDA_KERNEL_ASSERT(t >= 0 && t < k);
       qa = (t >= 0 && t < k) ? it * row[t] : NAN;
     }
-  } else if (mode == kSoft) {
+  } else if (mode == Mode::kSoft) {
     const float* q = qx + i * k;
     float s = 0.0f, d = 0.0f;
     for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
@@ -122,7 +103,7 @@ __global__ void loss_forward_kernel(const float* __restrict__ x, const float* __
     q_sum = cuda::block_sum(s, shared);
     qa = it * cuda::block_sum(d, shared);
   } else {
-    const float itt = 1.0f / *tau_t;
+    const float itt = inverse_temperature(*tau_t);
     const float* tr = qx + i * k;
     MaxSum tacc{-INFINITY, 0.0f};
     for (int64_t j = threadIdx.x; j < k; j += blockDim.x) tacc = cuda::combine(tacc, MaxSum{itt * tr[j], 1.0f});
@@ -142,34 +123,34 @@ __global__ void loss_forward_kernel(const float* __restrict__ x, const float* __
 // Backward epilogue, in place, one CTA per row: x_ij -> dL/dx_ij = g_ij / tau with
 // g_ij = dL/da_ij = (w_i s_i + v_i) p_ij - w_i q_ij (s_i = sum_j q_ij, v_i the gradient reaching lse_i),
 // and tau_terms[i] = sum_j g_ij x_ij, so that dL/dtau = -(1/tau^2) sum_i tau_terms[i].
-__global__ void loss_backward_kernel(float* __restrict__ x, const float* __restrict__ qx, int64_t k, int mode,
+__global__ void loss_backward_kernel(float* __restrict__ x, const float* __restrict__ qx, int64_t k, Mode mode,
                                      const float* __restrict__ tau, const float* __restrict__ tau_t,
                                      const int64_t* __restrict__ index, const float* __restrict__ grad_loss,
                                      const float* __restrict__ grad_lse, const float* __restrict__ lse,
                                      const float* __restrict__ teacher_lse, float* __restrict__ tau_terms) {
   __shared__ float shared[32];
   const int64_t i = blockIdx.x;
-  const float it = 1.0f / *tau;
-  const float itt = mode == kTeacher ? 1.0f / *tau_t : 0.0f;
+  const float it = inverse_temperature(*tau);
+  const float itt = mode == Mode::kTeacher ? inverse_temperature(*tau_t) : 0.0f;
   float* row = x + i * k;
   const float* q = qx != nullptr ? qx + i * k : nullptr;
   const float w = grad_loss[i], v = grad_lse != nullptr ? grad_lse[i] : 0.0f, l = lse[i];
-  const float tl = mode == kTeacher ? teacher_lse[i] : 0.0f;
+  const float tl = mode == Mode::kTeacher ? teacher_lse[i] : 0.0f;
   float s = 1.0f;
-  if (mode == kSoft) {
+  if (mode == Mode::kSoft) {
     float part = 0.0f;
     for (int64_t j = threadIdx.x; j < k; j += blockDim.x) part += q[j];
     s = cuda::block_sum(part, shared);
   }
-  const int64_t t = mode == kHard ? index[i] : -1;
+  const int64_t t = mode == Mode::kHard ? index[i] : -1;
   const float cp = w * s + v;
   float acc = 0.0f;
   for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
     const float xv = row[j];
     float qj;
-    if (mode == kHard) {
+    if (mode == Mode::kHard) {
       qj = j == t ? 1.0f : 0.0f;
-    } else if (mode == kSoft) {
+    } else if (mode == Mode::kSoft) {
       qj = q[j];
     } else {
       qj = __expf(itt * q[j] - tl);
@@ -190,36 +171,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cuda(
     const std::optional<at::Tensor>& teacher_features, const std::optional<at::Tensor>& teacher_prototypes,
     const std::optional<at::Tensor>& teacher_temperature) {
   const char* op = "proto_softmax_loss";
-  check_features(op, features, prototypes, temperature);
+  check_proto_features(op, features, prototypes, temperature);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t n = features.size(0), k = prototypes.size(0);
-  const Targets tg = check_targets(op, features, n, k, target_index, target_probs, teacher_features,
-                                   teacher_prototypes, teacher_temperature);
+  const Targets tg = make_targets(op, features, k, target_index, target_probs, teacher_features, teacher_prototypes,
+                                  teacher_temperature);
   const auto f32 = features.options().dtype(at::kFloat);
   auto loss = at::empty({n}, f32), lse = at::empty({n}, f32);
-  auto teacher_lse = at::empty({tg.mode == kTeacher ? n : 0}, f32);
+  auto teacher_lse = at::empty({tg.mode == Mode::kTeacher ? n : 0}, f32);
   if (n == 0) return {loss, lse, teacher_lse};
+  check_positive_on_host(op, "temperature", temperature);  // a CPU scalar: no sync
   const auto tau = device_scalar(temperature, features.device());
   const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
   const int64_t rows = rows_for(tg, n, k, features);
   auto buffer = at::empty({rows, k}, f32);
-  auto tbuffer = tg.mode == kTeacher ? at::empty({rows, k}, f32) : at::Tensor();
+  auto tbuffer = tg.mode == Mode::kTeacher ? at::empty({rows, k}, f32) : at::Tensor();
   auto stream = at::cuda::getCurrentCUDAStream();
   for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
     const int64_t nr = r1 - r0;
     auto blk = block_view(buffer, nr);
     gemm_nt_into(ff.narrow(0, r0, nr), pf, blk);
     at::Tensor q;
-    if (tg.mode == kSoft) q = tg.probs.narrow(0, r0, nr).to(at::kFloat).contiguous();
-    if (tg.mode == kTeacher) {
+    if (tg.mode == Mode::kSoft) q = tg.probs.narrow(0, r0, nr).to(at::kFloat).contiguous();
+    if (tg.mode == Mode::kTeacher) {
       q = block_view(tbuffer, nr);
       gemm_nt_into(tg.tf.narrow(0, r0, nr), tg.tc, q);
     }
     loss_forward_kernel<<<nr, kRowThreads, 0, stream>>>(
         blk.data_ptr<float>(), q.defined() ? q.data_ptr<float>() : nullptr, k, tg.mode, tau.data_ptr<float>(),
-        tg.mode == kTeacher ? tg.tau_t.data_ptr<float>() : nullptr,
-        tg.mode == kHard ? tg.index.data_ptr<int64_t>() + r0 : nullptr, loss.data_ptr<float>() + r0,
-        lse.data_ptr<float>() + r0, tg.mode == kTeacher ? teacher_lse.data_ptr<float>() + r0 : nullptr);
+        tg.mode == Mode::kTeacher ? tg.tau_t.data_ptr<float>() : nullptr,
+        tg.mode == Mode::kHard ? tg.index.data_ptr<int64_t>() + r0 : nullptr, loss.data_ptr<float>() + r0,
+        lse.data_ptr<float>() + r0, tg.mode == Mode::kTeacher ? teacher_lse.data_ptr<float>() + r0 : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, lse, teacher_lse};
@@ -232,27 +214,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cuda(
     const std::optional<at::Tensor>& teacher_prototypes, const std::optional<at::Tensor>& teacher_temperature,
     const at::Tensor& lse, const at::Tensor& teacher_lse, std::array<bool, 3> output_mask) {
   const char* op = "_proto_softmax_loss_backward";
-  check_features(op, features, prototypes, temperature);
+  check_proto_features(op, features, prototypes, temperature);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t n = features.size(0), k = prototypes.size(0), d = features.size(1);
-  const Targets tg = check_targets(op, features, n, k, target_index, target_probs, teacher_features,
-                                   teacher_prototypes, teacher_temperature);
-  TORCH_CHECK(grad_loss.numel() == n && lse.numel() == n, op, ": grad_loss, lse: expected ", n, " values");
-  TORCH_CHECK(!grad_lse || grad_lse->numel() == n, op, ": grad_lse: expected ", n, " values");
-  TORCH_CHECK(tg.mode != kTeacher || teacher_lse.numel() == n, op, ": teacher_lse: expected ", n, " values");
+  const Targets tg = make_targets(op, features, k, target_index, target_probs, teacher_features, teacher_prototypes,
+                                  teacher_temperature);
+  check_proto_loss_grads(op, n, grad_loss, grad_lse, lse, tg.mode, teacher_lse);
   const auto f32 = features.options().dtype(at::kFloat);
   const bool need_f = output_mask[0], need_p = output_mask[1], need_t = output_mask[2];
   auto grad_f = at::zeros({n, d}, f32), grad_p = at::zeros({k, d}, f32);
   auto tau_terms = at::zeros({n}, f32);
+  check_positive_on_host(op, "temperature", temperature);  // a CPU scalar: no sync
   const auto tau = device_scalar(temperature, features.device());
   if (n > 0 && (need_f || need_p || need_t)) {
     const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
     const auto gl = grad_loss.to(at::kFloat).contiguous(), ls = lse.to(at::kFloat).contiguous();
     const auto gs = grad_lse ? grad_lse->to(at::kFloat).contiguous() : at::Tensor();
-    const auto tls = tg.mode == kTeacher ? teacher_lse.to(at::kFloat).contiguous() : at::Tensor();
+    const auto tls = tg.mode == Mode::kTeacher ? teacher_lse.to(at::kFloat).contiguous() : at::Tensor();
     const int64_t rows = rows_for(tg, n, k, features);
     auto buffer = at::empty({rows, k}, f32);
-    auto tbuffer = tg.mode == kTeacher ? at::empty({rows, k}, f32) : at::Tensor();
+    auto tbuffer = tg.mode == Mode::kTeacher ? at::empty({rows, k}, f32) : at::Tensor();
     auto stream = at::cuda::getCurrentCUDAStream();
     for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
       const int64_t nr = r1 - r0;
@@ -260,15 +241,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cuda(
       const auto f_blk = ff.narrow(0, r0, nr);
       gemm_nt_into(f_blk, pf, blk);
       at::Tensor q;
-      if (tg.mode == kSoft) q = tg.probs.narrow(0, r0, nr).to(at::kFloat).contiguous();
-      if (tg.mode == kTeacher) {
+      if (tg.mode == Mode::kSoft) q = tg.probs.narrow(0, r0, nr).to(at::kFloat).contiguous();
+      if (tg.mode == Mode::kTeacher) {
         q = block_view(tbuffer, nr);
         gemm_nt_into(tg.tf.narrow(0, r0, nr), tg.tc, q);
       }
       loss_backward_kernel<<<nr, kRowThreads, 0, stream>>>(
           blk.data_ptr<float>(), q.defined() ? q.data_ptr<float>() : nullptr, k, tg.mode, tau.data_ptr<float>(),
-          tg.mode == kTeacher ? tg.tau_t.data_ptr<float>() : nullptr,
-          tg.mode == kHard ? tg.index.data_ptr<int64_t>() + r0 : nullptr, gl.data_ptr<float>() + r0,
+          tg.mode == Mode::kTeacher ? tg.tau_t.data_ptr<float>() : nullptr,
+          tg.mode == Mode::kHard ? tg.index.data_ptr<int64_t>() + r0 : nullptr, gl.data_ptr<float>() + r0,
           gs.defined() ? gs.data_ptr<float>() + r0 : nullptr, ls.data_ptr<float>() + r0,
           tls.defined() ? tls.data_ptr<float>() + r0 : nullptr, tau_terms.data_ptr<float>() + r0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -291,12 +272,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cuda(
 }
 
 at::Tensor proto_assign_cuda(const at::Tensor& features, const at::Tensor& prototypes, const at::Tensor& temperature) {
-  check_features("proto_assign", features, prototypes, temperature);
+  const char* op = "proto_assign";
+  check_proto_features(op, features, prototypes, temperature);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t n = features.size(0), k = prototypes.size(0);
   auto out = at::empty({n, k}, features.options());
   if (n == 0) return out;
-  const auto inv_tau = device_scalar(temperature, features.device()).reciprocal();
+  check_positive_on_host(op, "temperature", temperature);  // a CPU scalar: no sync
+  const auto inv_tau = inverse_temperature_tensor(temperature, features.device());
   const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
   const int64_t rows = block_rows(n, k, features);
   auto buffer = at::empty({rows, k}, features.options().dtype(at::kFloat));
@@ -311,14 +294,15 @@ at::Tensor proto_assign_cuda(const at::Tensor& features, const at::Tensor& proto
 std::tuple<at::Tensor, at::Tensor> proto_assign_topk_cuda(const at::Tensor& features, const at::Tensor& prototypes,
                                                           const at::Tensor& temperature, int64_t topk) {
   const char* op = "proto_assign_topk";
-  check_features(op, features, prototypes, temperature);
+  check_proto_features(op, features, prototypes, temperature);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t n = features.size(0), k = prototypes.size(0);
-  TORCH_CHECK(topk >= 1 && topk <= k, op, ": k: expected a value in [1, ", k, "], got ", topk);
+  check_proto_topk(op, topk, k);
   auto values = at::empty({n, topk}, features.options());
   auto indices = at::empty({n, topk}, features.options().dtype(at::kLong));
   if (n == 0) return {values, indices};
-  const auto inv_tau = device_scalar(temperature, features.device()).reciprocal();
+  check_positive_on_host(op, "temperature", temperature);  // a CPU scalar: no sync
+  const auto inv_tau = inverse_temperature_tensor(temperature, features.device());
   const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
   const int64_t rows = block_rows(n, k, features);
   auto buffer = at::empty({rows, k}, features.options().dtype(at::kFloat));
@@ -338,15 +322,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cuda(
     const at::Tensor& grad_probs, const at::Tensor& features, const at::Tensor& prototypes,
     const at::Tensor& temperature, std::array<bool, 3> output_mask) {
   const char* op = "_proto_assign_backward";
-  check_features(op, features, prototypes, temperature);
+  check_proto_features(op, features, prototypes, temperature);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t n = features.size(0), k = prototypes.size(0), d = features.size(1);
-  TORCH_CHECK(grad_probs.dim() == 2 && grad_probs.size(0) == n && grad_probs.size(1) == k, op,
-              ": grad_probs: expected shape (", n, ", ", k, "), got ", grad_probs.sizes());
+  check_proto_grad_probs(op, grad_probs, n, k);
   const auto f32 = features.options().dtype(at::kFloat);
   auto grad_f = at::zeros({n, d}, f32), grad_p = at::zeros({k, d}, f32);
   auto tau_acc = at::zeros({}, f32);
-  const auto inv_tau = device_scalar(temperature, features.device()).reciprocal();
+  check_positive_on_host(op, "temperature", temperature);  // a CPU scalar: no sync
+  const auto inv_tau = inverse_temperature_tensor(temperature, features.device());
   if (n > 0) {
     const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
     const int64_t rows = block_rows(n, k, features);
