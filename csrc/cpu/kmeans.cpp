@@ -25,38 +25,6 @@ constexpr int64_t kCentroidBlock = 8192;
 constexpr int64_t kBlockBudget = int64_t(4) << 20;
 // Minimum elements of work per parallel chunk: below this a parallel section costs more than it saves.
 constexpr int64_t kMinChunkWork = int64_t(1) << 15;
-// Independent partial minima: without -ffast-math this is what lets the compiler vectorise.
-constexpr int64_t kLanes = 16;
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PYPROTOCLIP_KMEANS_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PYPROTOCLIP_KMEANS_MULTIVERSION
-#endif
-
-// row[j] <- c_sq[j] - 2 row[j] (the L2 distance up to the row's |x|^2); returns min_j row[j]. The
-// values are stored so that the search for the first minimal index compares the very same floats.
-PYPROTOCLIP_KMEANS_MULTIVERSION
-float shift_and_min(float* row, const float* c_sq, int64_t m) {
-  float lanes[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = std::numeric_limits<float>::infinity();
-  int64_t j = 0;
-  for (; j + kLanes <= m; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const float v = c_sq[j + l] - 2.0f * row[j + l];
-      row[j + l] = v;
-      lanes[l] = v < lanes[l] ? v : lanes[l];
-    }
-  }
-  float best = std::numeric_limits<float>::infinity();
-  for (int64_t l = 0; l < kLanes; ++l) best = lanes[l] < best ? lanes[l] : best;
-  for (; j < m; ++j) {
-    const float v = c_sq[j] - 2.0f * row[j];
-    row[j] = v;
-    best = v < best ? v : best;
-  }
-  return best;
-}
 
 }  // namespace
 
@@ -114,12 +82,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cpu(
       at::parallel_for(0, rows, std::max<int64_t>(1, kMinChunkWork / kc), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           float* row = b + i * kc;
-          const float v = cosine ? cpu::max_value(row, kc) : shift_and_min(row, c_sq_p + c0, kc);
+          const float v = cosine ? cpu::max_value(row, kc) : cpu::shift_twice_and_min(row, c_sq_p + c0, kc);
           // Strict comparison: on a tie the earlier centroid block (lower index) keeps the row.
           if (cosine ? !(v > best_p[i]) : !(v < best_p[i])) continue;
-          int64_t j = 0;
-          while (j < kc && row[j] != v) ++j;  // first (lowest) index of the extremum
-          if (j == kc) continue;              // NaN row: keep the previous (in-range) index
+          const int64_t j = cpu::first_index(row, kc, v);  // first (lowest) index of the extremum
+          if (j == kc) continue;                           // NaN row: keep the previous (in-range) index
           best_p[i] = v;
           bi[i] = c0 + j;
         }

@@ -8,12 +8,6 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__NVCC__)
-#define PYPROTOCLIP_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PYPROTOCLIP_MULTIVERSION
-#endif
-
 namespace pyprotoclip::cpu {
 namespace {
 
@@ -61,6 +55,8 @@ inline float lane_reduce(int64_t m, float init, Combine combine, Term term) {
 
 inline float add(float a, float b) { return a + b; }
 inline float max(float a, float b) { return a > b ? a : b; }
+// keeps a unless b is smaller: a NaN b never replaces the running minimum
+inline float min_keep(float a, float b) { return b < a ? b : a; }
 
 }  // namespace
 
@@ -95,6 +91,20 @@ PYPROTOCLIP_MULTIVERSION void scale(const float* x, float* out, int64_t m, float
 
 PYPROTOCLIP_MULTIVERSION float dot(const float* x, const float* y, int64_t m) {
   return lane_reduce(m, 0.0f, add, [&](int64_t j) { return x[j] * y[j]; });
+}
+
+PYPROTOCLIP_MULTIVERSION float shift_twice_and_min(float* x, const float* shift, int64_t m) {
+  return lane_reduce(m, std::numeric_limits<float>::infinity(), min_keep, [&](int64_t j) {
+    const float v = shift[j] - 2.0f * x[j];
+    x[j] = v;
+    return v;
+  });
+}
+
+int64_t first_index(const float* x, int64_t m, float v) {
+  int64_t j = 0;
+  while (j < m && x[j] != v) ++j;
+  return j;
 }
 
 PYPROTOCLIP_MULTIVERSION void column_lse_update(const float* block, int64_t rows, int64_t ld, int64_t c0,

@@ -6,6 +6,13 @@
 
 #include <cstdint>
 
+// Multi-versioning of a CPU function: AVX-512, AVX2 and baseline clones, the best picked at load time.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__NVCC__)
+#define PYPROTOCLIP_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PYPROTOCLIP_MULTIVERSION
+#endif
+
 namespace pyprotoclip::cpu {
 
 float max_value(const float* x, int64_t m);
@@ -26,6 +33,11 @@ void add_exp_affine_cols(const float* x, float* out, int64_t m, float a, const f
 void scale(const float* x, float* out, int64_t m, float mul);
 // sum_j x[j] * y[j]
 float dot(const float* x, const float* y, int64_t m);
+// x[j] <- shift[j] - 2 x[j] (a squared L2 distance up to a per-row constant, from a raw dot); returns
+// min_j of the stored values (NaNs skipped), so that first_index can look for the very same float.
+float shift_twice_and_min(float* x, const float* shift, int64_t m);
+// The first j with x[j] == v, or m if there is none (v NaN, or not in x).
+int64_t first_index(const float* x, int64_t m, float v);
 
 // Column-wise online log-sum-exp of a*x over the rows of a (rows, ld) block, for columns [c0, c1):
 // the running (col_max, col_sum) are updated so that col_max + log(col_sum) is the log-sum-exp of
