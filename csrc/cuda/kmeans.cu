@@ -13,6 +13,7 @@
 #include "../kmeans_checks.h"
 #include "../ops.h"
 #include "../tiling.h"
+#include "reduce.cuh"
 
 namespace pyprotoclip {
 namespace {
@@ -20,16 +21,6 @@ namespace {
 constexpr int kWarpsPerCta = 8;  // one warp per point: a row of the block is k_c floats, d is small
 // Centroids per GEMM: above this the running argmin carries the best across centroid blocks.
 constexpr int64_t kCentroidBlock = 65536;
-
-// Is (v, i) a better candidate than (bv, bi)? Smaller distance (larger similarity), ties to the
-// lower index; bi < 0 means "none yet".
-template <bool kCosine>
-__device__ __forceinline__ bool better(float v, int64_t i, float bv, int64_t bi) {
-  if (i < 0) return false;
-  if (bi < 0) return true;
-  if (kCosine ? v > bv : v < bv) return true;
-  return v == bv && i < bi;
-}
 
 // block (rows, kc) fp32 holds x_r . c_j for centroids [c0, c0 + kc). Running best value in score[r]
 // (|c|^2 - 2 x.c for l2, x.c^ for cosine) and index in assign[r]. With `last`, also finishes the
@@ -44,34 +35,18 @@ __global__ void argmin_accumulate_kernel(const float* __restrict__ block, int64_
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + (threadIdx.x >> 5);
   if (r >= rows) return;  // whole warps exit together: r is uniform within a warp
   const float* row = block + r * kc;
-  float bv = 0.0f;
-  int64_t bi = -1;
+  cuda::ArgMin best{0.0f, -1};
   for (int64_t j = lane; j < kc; j += 32) {
-    const float v = kCosine ? row[j] : c_sq[c0 + j] - 2.0f * row[j];
-    if (better<kCosine>(v, c0 + j, bv, bi)) {
-      bv = v;
-      bi = c0 + j;
-    }
+    const cuda::ArgMin cand{kCosine ? row[j] : c_sq[c0 + j] - 2.0f * row[j], c0 + j};
+    if (cuda::better<kCosine>(cand, best)) best = cand;
   }
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float ov = __shfl_down_sync(0xffffffffu, bv, offset);
-    const int64_t oi = __shfl_down_sync(0xffffffffu, bi, offset);
-    if (better<kCosine>(ov, oi, bv, bi)) {
-      bv = ov;
-      bi = oi;
-    }
-  }
-  bv = __shfl_sync(0xffffffffu, bv, 0);
-  bi = __shfl_sync(0xffffffffu, bi, 0);
+  best = cuda::warp_argmin<kCosine>(best);
   if (c0 > 0) {  // earlier centroid blocks hold lower indices: they keep ties
-    const float pv = score[r];
-    const int64_t pi = assign[r];
-    if (!better<kCosine>(bv, bi, pv, pi)) {
-      bv = pv;
-      bi = pi;
-    }
+    const cuda::ArgMin prev{score[r], assign[r]};
+    if (!cuda::better<kCosine>(best, prev)) best = prev;
   }
-  if (bi < 0) bi = 0;  // only for NaN rows (never after the Python checks): stay in bounds
+  const float bv = best.value;
+  const int64_t bi = best.index < 0 ? 0 : best.index;  // only for NaN rows (never after the Python checks)
   if (!last) {
     if (lane == 0) {
       score[r] = bv;
@@ -85,7 +60,7 @@ __global__ void argmin_accumulate_kernel(const float* __restrict__ block, int64_
     const float v = static_cast<float>(xr[t]);
     sq += v * v;
   }
-  for (int offset = 16; offset > 0; offset >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, offset);
+  sq = cuda::warp_sum(sq);
   const float wr = w ? w[r] : 1.0f;
   float factor = wr;
   float s;

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cfloat>
+#include <cstdint>
 
 namespace pyprotoclip::cuda {
 
@@ -33,6 +34,35 @@ __device__ __forceinline__ MaxSum warp_reduce(MaxSum v) {
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);
   return v;
+}
+
+// A candidate of an arg-min (arg-max): its value and index; index < 0 means "none yet".
+struct ArgMin {
+  float value;
+  int64_t index;
+};
+
+// Is a a better candidate than b? Smaller value (larger with kMax), ties to the lower index; an empty
+// candidate never wins and any candidate beats an empty one. NaN compares false both ways, so a NaN
+// value only enters an empty slot (rows with NaNs have no meaningful arg-min).
+template <bool kMax>
+__device__ __forceinline__ bool better(ArgMin a, ArgMin b) {
+  if (a.index < 0) return false;
+  if (b.index < 0) return true;
+  if (kMax ? a.value > b.value : a.value < b.value) return true;
+  return a.value == b.value && a.index < b.index;
+}
+
+// Arg-min (arg-max with kMax) over the 32 lanes of a warp, ties to the lower index; every lane gets
+// the result (lane 0's, broadcast: `better` is not symmetric for NaN, so a tree into lane 0 and a
+// broadcast give one answer for the whole warp).
+template <bool kMax>
+__device__ __forceinline__ ArgMin warp_argmin(ArgMin v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const ArgMin other{__shfl_down_sync(0xffffffffu, v.value, offset), __shfl_down_sync(0xffffffffu, v.index, offset)};
+    if (better<kMax>(other, v)) v = other;
+  }
+  return {__shfl_sync(0xffffffffu, v.value, 0), __shfl_sync(0xffffffffu, v.index, 0)};
 }
 
 // Reduce over all threads of the block (blockDim.x a multiple of 32, at most 1024); every thread
