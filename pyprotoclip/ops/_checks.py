@@ -69,8 +69,14 @@ def finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected finite values, found {bad} NaN/Inf entries")
 
 
-def scalar(name: str, value: object, device: torch.device, *, positive: bool = False) -> torch.Tensor:
-    """A python number or 0-d/1-element floating tensor, returned as a 0-d tensor on ``device``."""
+def scalar(
+    name: str, value: object, device: torch.device, *, positive: bool = False, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """A python number or 0-d/1-element floating tensor, returned as a 0-d tensor on ``device``.
+
+    ``dtype`` is the dtype a python number becomes (default: torch's default dtype, float32); a
+    tensor keeps its own dtype.
+    """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name}: expected a scalar (0-d tensor or float), got shape {tuple(value.shape)}")
@@ -82,7 +88,7 @@ def scalar(name: str, value: object, device: torch.device, *, positive: bool = F
         if t.device != device:
             t = t.to(device)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        t = torch.tensor(float(value), device=device)
+        t = torch.tensor(float(value), dtype=dtype, device=device)
     else:
         raise ValueError(f"{name}: expected a float or a 0-d tensor, got {type(value).__name__}")
     if value_checks_enabled():

@@ -49,7 +49,8 @@ def _validate(
 def _dispatch(
     x: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor | None, metric: str, backend: str
 ) -> KMeansUpdate:
-    if _backend.resolve(backend, x.device, "kmeans_update") == "reference":
+    # float64 + auto -> the reference, as for every op (_backend.choose)
+    if _backend.choose(backend, x, "kmeans_update") == "reference":
         assign, score, sums, counts = reference.kmeans_update(x, centroids, weights, metric)
         return assign, score.float(), sums.float(), counts.float()
     return torch.ops.pyprotoclip.kmeans_update(x, centroids, weights, metric)

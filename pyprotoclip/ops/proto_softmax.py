@@ -15,18 +15,10 @@ _OPS_LOADED = _library.load()[0] is not None
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _resolve(backend: str, features: torch.Tensor, op: str) -> str:
-    # float64 asks for exactness: ``auto`` gives it to the reference (the kernels accumulate in fp32).
-    if backend == "auto" and features.dtype == torch.float64:
-        return "reference"
-    return _backend.resolve(backend, features.device, op)
-
-
-def _temperature(name: str, value: object, features: torch.Tensor) -> torch.Tensor:
-    # a python number becomes a float64 tensor for float64 features (not fp32: 0.1 would change)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and features.dtype == torch.float64:
-        value = torch.tensor(float(value), dtype=torch.float64)
-    return _checks.scalar(name, value, features.device, positive=True)
+def _number_dtype(features: torch.Tensor) -> torch.dtype | None:
+    # the dtype a python-number temperature becomes: float64 for float64 features (fp32 would change
+    # 0.1), the default (fp32) otherwise
+    return torch.float64 if features.dtype == torch.float64 else None
 
 
 def _validate_features(features: object, prototypes: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +51,10 @@ def proto_assign(
     forms the (B, K) matrix: extra memory is O(B k + block).
     """
     features, prototypes = _validate_features(features, prototypes)
-    temperature = _temperature("temperature", temperature, features)
-    chosen = _resolve(backend, features, "proto_assign")
+    temperature = _checks.scalar(
+        "temperature", temperature, features.device, positive=True, dtype=_number_dtype(features)
+    )
+    chosen = _backend.choose(backend, features, "proto_assign")
     if topk is not None:
         num = prototypes.shape[0]
         if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= num:
@@ -142,7 +136,9 @@ def proto_cross_entropy(
     recomputes the logits block by block from the saved per-row log-sum-exps.
     """
     features, prototypes = _validate_features(features, prototypes)
-    temperature = _temperature("temperature", temperature, features)
+    temperature = _checks.scalar(
+        "temperature", temperature, features.device, positive=True, dtype=_number_dtype(features)
+    )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     num = prototypes.shape[0]
@@ -175,12 +171,14 @@ def proto_cross_entropy(
             )
         _checks.finite("teacher_features", t_feat)
         _checks.finite("teacher_prototypes", t_proto)
-        t_temp = _temperature("teacher_temperature", teacher_temperature, features).detach()
+        t_temp = _checks.scalar(
+            "teacher_temperature", teacher_temperature, features.device, positive=True, dtype=_number_dtype(features)
+        ).detach()
     else:
         raise ValueError("target: expected target (B,) int64 or (B, K) probabilities, or teacher_features, got neither")
 
     args = (features, prototypes, temperature, target_index, target_probs, t_feat, t_proto, t_temp)
-    if _resolve(backend, features, "proto_cross_entropy") == "reference":
+    if _backend.choose(backend, features, "proto_cross_entropy") == "reference":
         loss = reference.proto_softmax_loss(*args)[0]
     else:
         loss = torch.ops.pyprotoclip.proto_softmax_loss(*args)[0]
