@@ -95,5 +95,4 @@ def _extension():
 setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    package_data={"pyprotoclip": ["_build_info.json"]},
 )
