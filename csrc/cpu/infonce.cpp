@@ -37,11 +37,10 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy_cpu(const at::Tensor
     auto blk = block_view(buffer, r1 - r0);
     gemm_nt_into(qf.narrow(0, r0, r1 - r0), kf, blk);
     float* b = blk.data_ptr<float>();
-    at::parallel_for(0, r1 - r0, 1, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, r1 - r0, cpu::row_grain(m), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const float* row = b + i * m;
-        const float mx = cpu::max_affine(row, m, s);
-        const float l = mx + std::log(cpu::sum_exp_affine(row, m, s, mx));
+        const float l = cpu::row_lse(row, m, s);
         lse_p[r0 + i] = l;
         loss_p[r0 + i] = l - s * row[tp[r0 + i]];
       }
@@ -75,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
       const auto q_blk = qf.narrow(0, r0, r1 - r0);
       gemm_nt_into(q_blk, kf, blk);  // raw dots x_ij; S_ij = s * x_ij
       float* b = blk.data_ptr<float>();
-      at::parallel_for(0, r1 - r0, 1, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, r1 - r0, cpu::row_grain(m), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           float* row = b + i * m;
           const int64_t gi = r0 + i, tj = tp[gi];
@@ -121,11 +120,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_
     auto blk = block_view(buffer, r1 - r0);
     gemm_nt_into(qf.narrow(0, r0, r1 - r0), kf, blk);
     float* b = blk.data_ptr<float>();
-    at::parallel_for(0, r1 - r0, 1, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, r1 - r0, cpu::row_grain(n), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const float* row = b + i * n;
-        const float mx = cpu::max_affine(row, n, s);
-        lr[r0 + i] = mx + std::log(cpu::sum_exp_affine(row, n, s, mx));
+        lr[r0 + i] = cpu::row_lse(row, n, s);
         dg[r0 + i] = s * row[r0 + i];
       }
     });
@@ -165,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entrop
       const auto q_blk = qf.narrow(0, r0, r1 - r0);
       gemm_nt_into(q_blk, kf, blk);  // raw dots x_ij; S_ij = s x_ij
       float* b = blk.data_ptr<float>();
-      at::parallel_for(0, r1 - r0, 1, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, r1 - r0, cpu::row_grain(n), [&](int64_t i0, int64_t i1) {
         std::vector<float> coef(n);
         for (int64_t i = i0; i < i1; ++i) {
           float* row = b + i * n;

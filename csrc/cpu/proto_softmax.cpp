@@ -23,12 +23,6 @@
 namespace pyprotoclip {
 namespace {
 
-// Rows of a block handed to one task: at least this many logits per task, so that a task's
-// work outweighs scheduling it when k is small.
-constexpr int64_t kGrainLogits = int64_t(1) << 15;
-
-int64_t row_grain(int64_t k) { return std::max<int64_t>(1, kGrainLogits / std::max<int64_t>(k, 1)); }
-
 using Mode = ProtoTargetKind;
 
 struct Targets {
@@ -72,11 +66,6 @@ void sub_scaled(float* out, const float* y, int64_t m, float mul) {
 }
 
 // log-sum-exp_j a * x[j] of a raw-dot row
-float row_lse(const float* x, int64_t m, float a) {
-  const float mx = cpu::max_affine(x, m, a);
-  return mx + std::log(cpu::sum_exp_affine(x, m, a, mx));
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
@@ -114,11 +103,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
     float* qb = q.defined() ? q.data_ptr<float>() : nullptr;
     const auto q_sum = tg.mode == Mode::kSoft ? q.sum(1) : at::Tensor();  // (rows,) sum_j q_ij
     const float* qs = q_sum.defined() ? q_sum.data_ptr<float>() : nullptr;
-    at::parallel_for(0, r1 - r0, row_grain(k), [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, r1 - r0, cpu::row_grain(k), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const float* row = b + i * k;
         const int64_t gi = r0 + i;
-        const float l = row_lse(row, k, it);
+        const float l = cpu::row_lse(row, k, it);
         lse_p[gi] = l;
         // loss_i = -sum_j q_ij (a_ij - lse_i) = (sum_j q_ij) lse_i - sum_j q_ij a_ij
         switch (tg.mode) {
@@ -133,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
           case Mode::kTeacher: {
             // q_ij = exp(x^t_ij / tau_t - lse^t_i) sums to 1 by construction
             float* tr = qb + i * k;
-            const float tl = row_lse(tr, k, tg.inv_tau_t);
+            const float tl = cpu::row_lse(tr, k, tg.inv_tau_t);
             tlse_p[gi] = tl;
             cpu::exp_affine(tr, tr, k, tg.inv_tau_t, tl, 1.0f);
             loss_p[gi] = l - it * cpu::dot(tr, row, k);
@@ -190,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cpu(
       float* qb = q.defined() ? q.data_ptr<float>() : nullptr;
       const auto q_sum = tg.mode == Mode::kSoft ? q.sum(1) : at::Tensor();  // (rows,) sum_j q_ij
       const float* qs = q_sum.defined() ? q_sum.data_ptr<float>() : nullptr;
-      at::parallel_for(0, r1 - r0, row_grain(k), [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, r1 - r0, cpu::row_grain(k), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           float* row = b + i * k;
           const int64_t gi = r0 + i;
@@ -254,10 +243,10 @@ at::Tensor proto_assign_cpu(const at::Tensor& features, const at::Tensor& protot
     auto blk = direct ? out.narrow(0, r0, r1 - r0) : block_view(buffer, r1 - r0);
     gemm_nt_into(ff.narrow(0, r0, r1 - r0), pf, blk);
     float* b = blk.data_ptr<float>();
-    at::parallel_for(0, r1 - r0, row_grain(k), [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, r1 - r0, cpu::row_grain(k), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         float* row = b + i * k;
-        cpu::exp_affine(row, row, k, it, row_lse(row, k, it), 1.0f);
+        cpu::exp_affine(row, row, k, it, cpu::row_lse(row, k, it), 1.0f);
       }
     });
     if (!direct) out.narrow(0, r0, r1 - r0).copy_(blk);
@@ -285,8 +274,8 @@ std::tuple<at::Tensor, at::Tensor> proto_assign_topk_cpu(const at::Tensor& featu
     gemm_nt_into(ff.narrow(0, r0, r1 - r0), pf, blk);
     const float* b = blk.data_ptr<float>();
     float* lp = l.data_ptr<float>();
-    at::parallel_for(0, r1 - r0, row_grain(k), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) lp[i] = row_lse(b + i * k, k, it);
+    at::parallel_for(0, r1 - r0, cpu::row_grain(k), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) lp[i] = cpu::row_lse(b + i * k, k, it);
     });
     // the largest dots are the largest probabilities (tau > 0); only those k are exponentiated
     auto [top, idx] = at::topk(blk, topk, 1, /*largest=*/true, /*sorted=*/true);

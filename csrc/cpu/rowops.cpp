@@ -72,6 +72,11 @@ PYPROTOCLIP_MULTIVERSION float sum_exp_affine(const float* x, int64_t m, float a
   return lane_reduce(m, 0.0f, add, [&](int64_t j) { return fast_exp(a * x[j] - b); });
 }
 
+float row_lse(const float* x, int64_t m, float a) {
+  const float mx = max_affine(x, m, a);
+  return mx + std::log(sum_exp_affine(x, m, a, mx));
+}
+
 PYPROTOCLIP_MULTIVERSION float sum_exp_affine_times_x(const float* x, int64_t m, float a, float b) {
   return lane_reduce(m, 0.0f, add, [&](int64_t j) { return fast_exp(a * x[j] - b) * x[j]; });
 }

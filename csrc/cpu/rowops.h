@@ -4,6 +4,7 @@
 // Compiled for AVX-512 / AVX2 / baseline (target_clones): one binary, the widest vectors available.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 // Multi-versioning of a CPU function: AVX-512, AVX2 and baseline clones, the best picked at load time.
@@ -15,6 +16,11 @@
 
 namespace pyprotoclip::cpu {
 
+// Rows of a block handed to one parallel task: at least this many logits per task, so that a
+// task's work outweighs scheduling it when rows are short.
+constexpr int64_t kGrainElems = int64_t(1) << 15;
+inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(cols, 1)); }
+
 float max_value(const float* x, int64_t m);
 float min_value(const float* x, int64_t m);
 // max_j a*x[j]
@@ -23,6 +29,8 @@ inline float max_affine(const float* x, int64_t m, float a) {
 }
 // sum_j exp(a*x[j] - b)
 float sum_exp_affine(const float* x, int64_t m, float a, float b);
+// log sum_j exp(a*x[j]), stable (shifted by the row maximum).
+float row_lse(const float* x, int64_t m, float a);
 // sum_j exp(a*x[j] - b) * x[j]
 float sum_exp_affine_times_x(const float* x, int64_t m, float a, float b);
 // out[j] = mul * exp(a*x[j] - b); out may alias x.
