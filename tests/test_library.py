@@ -63,3 +63,25 @@ def test_cli_help_lists_commands():
 def test_bench_rejects_unknown_op():
     result = CliRunner().invoke(main, ["bench", "nope"])
     assert result.exit_code != 0 and "nope" in result.output
+
+
+def test_load_library_from_another_process():
+    """Another project can use the kernels with torch.ops.load_library(path) and no pyprotoclip import."""
+    import subprocess
+    import sys
+
+    path = pyprotoclip.library_path()
+    if path is None:
+        pytest.skip("pyprotoclip._C is not built")
+    code = (
+        "import sys, torch\n"
+        f"torch.ops.load_library({path!r})\n"
+        "assert 'pyprotoclip' not in sys.modules\n"
+        "q = torch.eye(2); loss, lse = torch.ops.pyprotoclip.similarity_cross_entropy(q, q, torch.arange(2), torch.tensor(1.0))\n"
+        "print(float(loss.sum()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    import math
+
+    assert abs(float(out.stdout.strip()) - 2 * (math.log(math.e + 1) - 1)) < 1e-6
