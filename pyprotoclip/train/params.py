@@ -92,7 +92,13 @@ def read_config_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ValueError(f"config: no such file {path!r}")
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"config: {path!r} is not valid YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"config: {path!r} must hold a mapping of flag names to values, got {type(raw).__name__}")
     out: dict[str, Any] = {}

@@ -67,6 +67,7 @@ def test_config_yaml_and_command_line_precedence(captured, tmp_path):
         (["--config", "/no/such.yaml"], None, "does not exist"),
         ([], "train-data: x\nbogus-key: 3\n", "config: unknown key 'bogus-key'"),
         ([], "train-data: x\nbatch-size: many\n", "batch-size: expected int"),
+        ([], "train-data: x\nlr: a: b\n", "is not valid YAML at line 2, column 6: mapping values are not allowed here"),
         (["--train-data", "x", "--bogus"], None, "No such option"),
     ],
 )
@@ -78,3 +79,12 @@ def test_bad_flags_give_clear_errors(captured, tmp_path, args, config, message):
     r = invoke(*args)
     assert r.exit_code == 2, r.output
     assert message in r.output, r.output
+
+
+def test_config_that_is_not_yaml_is_one_line_error(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train-data: [x, y\n")
+    r = invoke("--config", str(cfg))
+    assert r.exit_code == 2, r.output
+    assert "is not valid YAML at line 2, column 1" in r.output and "Traceback" not in r.output
+
