@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
 import random
 import re
 from typing import Any
@@ -40,7 +41,18 @@ def load_checkpoint(path: str, *, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: no such file {path!r}")
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        # torch's own messages run to several lines and suggest weights_only=False, which we never do
+        text = str(exc)
+        if isinstance(exc, EOFError):
+            reason = "the file is empty or truncated"
+        elif "WeightsUnpickler error:" in text:
+            reason = (text.split("WeightsUnpickler error:", 1)[1].strip().splitlines() or ["not a pickle"])[0]
+        else:
+            reason = (text.strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise ValueError(f"checkpoint: {path!r} is not a torch checkpoint readable with weights_only=True ({reason[:200]})") from exc
 
 
 def find_latest(checkpoint_dir: str) -> str | None:

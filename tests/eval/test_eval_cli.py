@@ -72,6 +72,15 @@ def test_eval_model_override_and_errors(tmp_path, fake_pdata):
     assert r.exit_code == 2 and "give both --classnames and --templates" in r.output
 
 
+def test_eval_on_a_file_that_is_not_a_checkpoint(tmp_path, fake_pdata):
+    for name, data in (("caps.tsv", b"filepath\ttitle\n"), ("empty.pt", b"")):
+        path = tmp_path / name
+        path.write_bytes(data)
+        r = CliRunner().invoke(main, ["eval", "--checkpoint", str(path), "--data", "fake", "--workers", "0"])
+        assert r.exit_code == 2, r.output
+        assert f"checkpoint: '{path}' is not a torch checkpoint" in r.output and "Traceback" not in r.output
+
+
 def test_eval_help():
     r = CliRunner().invoke(main, ["eval", "--help"])
     assert r.exit_code == 0 and "--checkpoint" in r.output and "--data" in r.output and "--model" in r.output

@@ -88,3 +88,22 @@ def test_config_that_is_not_yaml_is_one_line_error(tmp_path):
     assert r.exit_code == 2, r.output
     assert "is not valid YAML at line 2, column 1" in r.output and "Traceback" not in r.output
 
+
+def test_load_checkpoint_rejects_files_that_are_not_checkpoints(tmp_path):
+    import torch
+
+    from pyprotoclip.train.checkpoint import load_checkpoint, save_checkpoint
+
+    good = tmp_path / "good.pt"
+    save_checkpoint({"step": 3, "w": torch.ones(2)}, str(good))
+    assert load_checkpoint(str(good))["step"] == 3
+    text = tmp_path / "caps.tsv"
+    text.write_text("filepath\ttitle\na.png\ta cat\n")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for path, why in ((text, "Unsupported operand"), (empty, "empty or truncated"), (trunc, "zip archive")):
+        with pytest.raises(ValueError, match="is not a torch checkpoint readable with weights_only=True") as info:
+            load_checkpoint(str(path))
+        assert why in str(info.value) and "\n" not in str(info.value), str(info.value)
