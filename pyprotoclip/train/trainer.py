@@ -379,6 +379,12 @@ def run(p: dict[str, Any], *, build_loader: Callable | None = None) -> dict[str,
         if bar is not None:
             bar.close()
             console.bar = None
+        stats = loader.stats() if hasattr(loader, "stats") else None
+        if stats and stats.get("bad_total"):
+            # the per-sample warnings come from loader workers and reach only stderr; this line reaches out.log
+            reasons = ", ".join(f"{k} {v}" for k, v in stats["bad"].items() if v)
+            log.warning("train-data: epoch %d skipped %d bad sample(s)/shard(s) on this process (%s); see the "
+                        "'skipping bad sample' warnings for which", epoch, stats["bad_total"], reasons)
         del it, loader
         if interrupted:
             break

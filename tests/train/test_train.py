@@ -37,6 +37,18 @@ def test_two_step_run_writes_logs_and_checkpoints(fake_train):
     assert not [f for f in os.listdir(os.path.join(run_dir, "checkpoints")) if ".tmp" in f]
 
 
+def test_bad_samples_of_an_epoch_reach_out_log(fake_train, monkeypatch):
+    import fake_data
+
+    s = fake_train(name="clean")
+    assert "bad sample" not in open(os.path.join(s["run_dir"], "out.log")).read()
+    bad = {"missing_image": 0, "missing_caption": 0, "bad_caption": 0, "bad_image": 1, "bad_shard": 2}
+    monkeypatch.setattr(fake_data.Loader, "stats", lambda self: {"bad": bad, "bad_total": 3})
+    s = fake_train(name="dirty")
+    log = open(os.path.join(s["run_dir"], "out.log")).read()
+    assert "train-data: epoch 0 skipped 3 bad sample(s)/shard(s) on this process (bad_image 1, bad_shard 2)" in log
+
+
 def test_logit_scale_is_clamped(fake_train):
     # a huge lr pushes the scale up; it must stay <= ln(100) after every step
     s = fake_train(lr=5.0, warmup=0)
