@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarize(ok)
     for line in summary:
         print(line)
-    path = os.path.join(args.out, f"infonce-{'quick-' if args.quick else ''}{benchlib.device_tag(args.device)}.json")
+    # smoke runs go to an ignored folder: they are not results
+    out_dir = os.path.join(args.out, "quick") if args.quick else args.out
+    path = os.path.join(out_dir, f"infonce-{benchlib.device_tag(args.device)}.json")
     env = benchlib.environment(args.device)
     env["summary"] = summary
     benchlib.write_results(path, rows, env)
