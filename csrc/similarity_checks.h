@@ -31,4 +31,26 @@ inline void check_targets(const char* op, const at::Tensor& targets, int64_t n, 
   }
 }
 
+// Everything _similarity_cross_entropy_backward reads: the forward's inputs and the (n,) grad_loss, lse.
+inline void check_similarity_backward(const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& targets, const at::Tensor& scale, const at::Tensor& lse) {
+  constexpr const char* op = "_similarity_cross_entropy_backward";
+  check_similarity_inputs(op, q, k, scale);
+  const int64_t n = q.size(0);
+  check_targets(op, targets, n, k.size(0), q.device());
+  TORCH_CHECK(grad_loss.numel() == n && lse.numel() == n, op, ": grad_loss, lse: expected ", n, " values");
+}
+
+// The same for _symmetric_similarity_cross_entropy_backward (square problem, both directions).
+inline void check_symmetric_backward(const at::Tensor& grad_rows, const at::Tensor& grad_cols, const at::Tensor& q,
+                                     const at::Tensor& k, const at::Tensor& scale, const at::Tensor& lse_rows,
+                                     const at::Tensor& lse_cols) {
+  constexpr const char* op = "_symmetric_similarity_cross_entropy_backward";
+  check_similarity_inputs(op, q, k, scale);
+  const int64_t n = q.size(0);
+  TORCH_CHECK(k.size(0) == n && grad_rows.numel() == n && grad_cols.numel() == n && lse_rows.numel() == n &&
+                  lse_cols.numel() == n,
+              op, ": expected k, grads and lse with ", n, " rows");
+}
+
 }  // namespace pyprotoclip

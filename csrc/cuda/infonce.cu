@@ -115,11 +115,8 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy_cuda(const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& q, const at::Tensor& k, const at::Tensor& targets,
     const at::Tensor& scale, const at::Tensor& lse) {
-  check_similarity_inputs("_similarity_cross_entropy_backward", q, k, scale);
+  check_similarity_backward(grad_loss, q, k, targets, scale, lse);
   const int64_t n = q.size(0), m = k.size(0), d = q.size(1);
-  check_targets("_similarity_cross_entropy_backward", targets, n, m, q.device());
-  TORCH_CHECK(grad_loss.numel() == n && lse.numel() == n,
-              "_similarity_cross_entropy_backward: grad_loss, lse: expected ", n, " values");
   const c10::cuda::CUDAGuard guard(q.device());
   const auto f32 = q.options().dtype(at::kFloat);
   auto grad_q = at::zeros({n, d}, f32), grad_k = at::zeros({m, d}, f32), scale_terms = at::zeros({n}, f32);
@@ -179,11 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_
 std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entropy_backward_cuda(
     const at::Tensor& grad_rows, const at::Tensor& grad_cols, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& scale, const at::Tensor& lse_rows, const at::Tensor& lse_cols) {
-  check_similarity_inputs("_symmetric_similarity_cross_entropy_backward", q, k, scale);
+  check_symmetric_backward(grad_rows, grad_cols, q, k, scale, lse_rows, lse_cols);
   const int64_t n = q.size(0), d = q.size(1);
-  TORCH_CHECK(k.size(0) == n && grad_rows.numel() == n && grad_cols.numel() == n && lse_rows.numel() == n &&
-                  lse_cols.numel() == n,
-              "_symmetric_similarity_cross_entropy_backward: expected k, grads and lse with ", n, " rows");
   const c10::cuda::CUDAGuard guard(q.device());
   const auto f32 = q.options().dtype(at::kFloat);
   auto grad_q = at::zeros({n, d}, f32), grad_k = at::zeros({n, d}, f32), scale_terms = at::zeros({n}, f32);
