@@ -8,6 +8,8 @@
 
 #include <ATen/ATen.h>
 
+#include "tiling.h"
+
 #include <cmath>
 #include <optional>
 
@@ -116,6 +118,35 @@ inline void check_proto_grad_probs(const char* op, const at::Tensor& grad_probs,
 
 inline void check_proto_topk(const char* op, int64_t topk, int64_t k) {
   TORCH_CHECK(topk >= 1 && topk <= k, op, ": k: expected a value in [1, ", k, "], got ", topk);
+}
+
+// A checked target in the form both kernels read it: hard indices, soft probabilities, or the teacher's
+// features and prototypes in their GEMM dtype with tau_t a 0-d fp32 tensor on the features' device
+// (the CUDA kernels read it there without a host sync; the CPU kernels read its value).
+struct ProtoTargets {
+  ProtoTargetKind mode;
+  at::Tensor index, probs, tf, tc, tau_t;
+};
+
+inline ProtoTargets make_proto_targets(const char* op, const at::Tensor& features, int64_t k,
+                                       const std::optional<at::Tensor>& target_index,
+                                       const std::optional<at::Tensor>& target_probs,
+                                       const std::optional<at::Tensor>& teacher_features,
+                                       const std::optional<at::Tensor>& teacher_prototypes,
+                                       const std::optional<at::Tensor>& teacher_temperature) {
+  ProtoTargets t;
+  t.mode = check_proto_targets(op, features, k, target_index, target_probs, teacher_features, teacher_prototypes,
+                               teacher_temperature);
+  if (t.mode == ProtoTargetKind::kHard) {
+    t.index = target_index->contiguous();
+  } else if (t.mode == ProtoTargetKind::kSoft) {
+    t.probs = *target_probs;
+  } else {
+    t.tf = gemm_operand(*teacher_features);
+    t.tc = gemm_operand(*teacher_prototypes);
+    t.tau_t = device_scalar(*teacher_temperature, features.device());
+  }
+  return t;
 }
 
 }  // namespace pyprotoclip

@@ -25,34 +25,11 @@ namespace {
 
 using Mode = ProtoTargetKind;
 
-struct Targets {
-  Mode mode;
-  at::Tensor index;  // (n,) int64, hard
-  at::Tensor probs;  // (n, k) any float dtype, soft
-  at::Tensor tf;     // (n, dt) fp32, teacher features
-  at::Tensor tc;     // (k, dt) fp32, teacher prototypes
-  float inv_tau_t = 1.0f;
-};
+using Targets = ProtoTargets;
 
-// The checked target (proto_checks.h) in the form the epilogues read it.
-Targets make_targets(const char* op, const at::Tensor& features, int64_t k,
-                     const std::optional<at::Tensor>& target_index, const std::optional<at::Tensor>& target_probs,
-                     const std::optional<at::Tensor>& teacher_features,
-                     const std::optional<at::Tensor>& teacher_prototypes,
-                     const std::optional<at::Tensor>& teacher_temperature) {
-  Targets t;
-  t.mode = check_proto_targets(op, features, k, target_index, target_probs, teacher_features, teacher_prototypes,
-                               teacher_temperature);
-  if (t.mode == Mode::kHard) {
-    t.index = target_index->contiguous();
-  } else if (t.mode == Mode::kSoft) {
-    t.probs = *target_probs;
-  } else {
-    t.inv_tau_t = 1.0f / positive_value(op, "teacher_temperature", *teacher_temperature);
-    t.tf = gemm_operand(*teacher_features);
-    t.tc = gemm_operand(*teacher_prototypes);
-  }
-  return t;
+// 1 / tau_t of a teacher target (checked > 0 on the host), 1 otherwise.
+float teacher_inverse_temperature(const char* op, const Targets& t) {
+  return t.mode == Mode::kTeacher ? 1.0f / positive_value(op, "teacher_temperature", t.tau_t) : 1.0f;
 }
 
 // Rows per block: the teacher needs a second (rows, k) buffer, so each gets half the budget.
@@ -65,7 +42,6 @@ void sub_scaled(float* out, const float* y, int64_t m, float mul) {
   for (int64_t j = 0; j < m; ++j) out[j] -= mul * y[j];
 }
 
-// log-sum-exp_j a * x[j] of a raw-dot row
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
@@ -76,8 +52,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
   const char* op = "proto_softmax_loss";
   check_proto_features(op, features, prototypes, temperature);
   const int64_t n = features.size(0), k = prototypes.size(0);
-  const Targets tg = make_targets(op, features, k, target_index, target_probs, teacher_features, teacher_prototypes,
-                                  teacher_temperature);
+  const Targets tg = make_proto_targets(op, features, k, target_index, target_probs, teacher_features,
+                                        teacher_prototypes, teacher_temperature);
+  const float inv_tau_t = teacher_inverse_temperature(op, tg);
   const auto f32 = features.options().dtype(at::kFloat);
   auto loss = at::empty({n}, f32), lse = at::empty({n}, f32);
   auto teacher_lse = at::empty({tg.mode == Mode::kTeacher ? n : 0}, f32);
@@ -122,9 +99,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
           case Mode::kTeacher: {
             // q_ij = exp(x^t_ij / tau_t - lse^t_i) sums to 1 by construction
             float* tr = qb + i * k;
-            const float tl = cpu::row_lse(tr, k, tg.inv_tau_t);
+            const float tl = cpu::row_lse(tr, k, inv_tau_t);
             tlse_p[gi] = tl;
-            cpu::exp_affine(tr, tr, k, tg.inv_tau_t, tl, 1.0f);
+            cpu::exp_affine(tr, tr, k, inv_tau_t, tl, 1.0f);
             loss_p[gi] = l - it * cpu::dot(tr, row, k);
             break;
           }
@@ -144,8 +121,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cpu(
   const char* op = "_proto_softmax_loss_backward";
   check_proto_features(op, features, prototypes, temperature);
   const int64_t n = features.size(0), k = prototypes.size(0), d = features.size(1);
-  const Targets tg = make_targets(op, features, k, target_index, target_probs, teacher_features, teacher_prototypes,
-                                  teacher_temperature);
+  const Targets tg = make_proto_targets(op, features, k, target_index, target_probs, teacher_features,
+                                        teacher_prototypes, teacher_temperature);
+  const float inv_tau_t = teacher_inverse_temperature(op, tg);
   check_proto_loss_grads(op, n, grad_loss, grad_lse, lse, tg.mode, teacher_lse);
   const auto f32 = features.options().dtype(at::kFloat);
   const bool need_f = output_mask[0], need_p = output_mask[1], need_t = output_mask[2];
@@ -194,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cpu(
             s = qs[i];
           } else if (tg.mode == Mode::kTeacher) {
             qr = qb + i * k;
-            cpu::exp_affine(qr, qr, k, tg.inv_tau_t, tlp[gi], 1.0f);
+            cpu::exp_affine(qr, qr, k, inv_tau_t, tlp[gi], 1.0f);
           }
           const float cp = w * s + v;
           double g_dot_x = 0.0;

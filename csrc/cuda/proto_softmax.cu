@@ -26,32 +26,7 @@ constexpr int kRowThreads = 256;  // one CTA per row: k is large (thousands), 25
 
 using Mode = ProtoTargetKind;
 
-struct Targets {
-  Mode mode;
-  at::Tensor index, probs, tf, tc, tau_t;
-};
-
-// The checked target (proto_checks.h) in the form the kernels read it. An out-of-range hard target is
-// caught in the kernel (NaN loss, device assert); teacher_temperature stays on the device (no sync).
-Targets make_targets(const char* op, const at::Tensor& features, int64_t k,
-                     const std::optional<at::Tensor>& target_index, const std::optional<at::Tensor>& target_probs,
-                     const std::optional<at::Tensor>& teacher_features,
-                     const std::optional<at::Tensor>& teacher_prototypes,
-                     const std::optional<at::Tensor>& teacher_temperature) {
-  Targets t;
-  t.mode = check_proto_targets(op, features, k, target_index, target_probs, teacher_features, teacher_prototypes,
-                               teacher_temperature);
-  if (t.mode == Mode::kHard) {
-    t.index = target_index->contiguous();
-  } else if (t.mode == Mode::kSoft) {
-    t.probs = *target_probs;
-  } else {
-    t.tf = gemm_operand(*teacher_features);
-    t.tc = gemm_operand(*teacher_prototypes);
-    t.tau_t = device_scalar(*teacher_temperature, features.device());
-  }
-  return t;
-}
+using Targets = ProtoTargets;
 
 // 1 / tau, or NaN unless tau is finite and > 0: a bad temperature gives NaN results instead of a
 // host-side check, which would synchronise (the Python API validates it).
@@ -174,8 +149,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cuda(
   check_proto_features(op, features, prototypes, temperature);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t n = features.size(0), k = prototypes.size(0);
-  const Targets tg = make_targets(op, features, k, target_index, target_probs, teacher_features, teacher_prototypes,
-                                  teacher_temperature);
+  const Targets tg = make_proto_targets(op, features, k, target_index, target_probs, teacher_features,
+                                        teacher_prototypes, teacher_temperature);
   const auto f32 = features.options().dtype(at::kFloat);
   auto loss = at::empty({n}, f32), lse = at::empty({n}, f32);
   auto teacher_lse = at::empty({tg.mode == Mode::kTeacher ? n : 0}, f32);
@@ -217,8 +192,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cuda(
   check_proto_features(op, features, prototypes, temperature);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t n = features.size(0), k = prototypes.size(0), d = features.size(1);
-  const Targets tg = make_targets(op, features, k, target_index, target_probs, teacher_features, teacher_prototypes,
-                                  teacher_temperature);
+  const Targets tg = make_proto_targets(op, features, k, target_index, target_probs, teacher_features,
+                                        teacher_prototypes, teacher_temperature);
   check_proto_loss_grads(op, n, grad_loss, grad_lse, lse, tg.mode, teacher_lse);
   const auto f32 = features.options().dtype(at::kFloat);
   const bool need_f = output_mask[0], need_p = output_mask[1], need_t = output_mask[2];
