@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from pyprotoclip import distributed as pdist
-from pyprotoclip.ops import _checks
-from pyprotoclip.ops.kmeans import METRICS, _assign, _dispatch, _validate
+from pyprotoclip.ops import KMEANS_METRICS as METRICS
+from pyprotoclip.ops import checks, kmeans_update, skip_value_checks
 
 BACKENDS = ("auto", "faiss", "compiled", "reference")
 INITS = ("k-means++", "random")
@@ -227,8 +227,10 @@ class KMeans:
     def fit(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> "KMeans":
         """Cluster x (n_local, d) float32/bfloat16/float16 (this rank's shard), with optional
         non-negative (n_local,) weights. Returns self."""
-        x = _checks.float_matrix("x", x)
-        x, _, weights = _validate(x, x[:1], self.metric, weights, require_k_le_n=False)
+        x = checks.float_matrix("x", x)
+        checks.finite("x", x)
+        if weights is not None:
+            weights = checks.weights_vector("weights", weights, x.shape[0], x)
         k, d = self.n_clusters, x.shape[1]
         if isinstance(self.init, torch.Tensor) and self.init.shape[1] != d:
             raise ValueError(f"init: expected shape ({k}, {d}) to match x, got {tuple(self.init.shape)}")
@@ -345,10 +347,10 @@ class KMeans:
         """Index (n,) int64 of the nearest (l2) / most similar (cosine) centroid of each row of x."""
         if not hasattr(self, "centroids_"):
             raise RuntimeError("KMeans.predict: call fit first")
-        x = _checks.float_matrix("x", x)
+        x = checks.float_matrix("x", x)
         if x.shape[1] != self.centroids_.shape[1]:
             raise ValueError(f"x: expected feature size {self.centroids_.shape[1]} (as the centroids), got {tuple(x.shape)}")
-        return _assign(x, self.centroids_.to(x.device), self.metric, self._op_backend())[0]
+        return kmeans_update(x, self.centroids_.to(x.device), metric=self.metric, backend=self._op_backend())[0]
 
     def fit_predict(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """fit(x, weights) and return labels_ (n_local,) int64."""
@@ -356,6 +358,7 @@ class KMeans:
 
 
 def _assign_with_sums(x, centroids, weights, metric, backend):
-    # Inputs were validated once in fit(); under multi-rank k may also exceed the local shard's n,
-    # so this skips kmeans_update's per-call checks (and its k <= n rule).
-    return _dispatch(x, centroids, weights, metric, backend)
+    # The points were validated once in fit(): the passes skip the per-call value checks (a device
+    # synchronisation each on a GPU). Centroids are means of finite points.
+    with skip_value_checks():
+        return kmeans_update(x, centroids, metric=metric, weights=weights, backend=backend)

@@ -12,23 +12,23 @@ import torch.distributed as dist
 
 from pyprotoclip import _library
 from pyprotoclip import distributed as pdist
-from pyprotoclip.ops import _backend, _checks, reference
+from pyprotoclip.ops import _backend, checks, reference
 
 _OPS_LOADED = bool(_library.compiled_devices())
 
 
 def _validate_pair(name_a: str, a: object, name_b: str, b: object, *, same_rows: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    a = _checks.float_matrix(name_a, a)
-    b = _checks.float_matrix(name_b, b)
-    _checks.same_device([(name_a, a), (name_b, b)])
+    a = checks.float_matrix(name_a, a)
+    b = checks.float_matrix(name_b, b)
+    checks.same_device([(name_a, a), (name_b, b)])
     if a.dtype != b.dtype:  # e.g. one tower left autocast in fp32: compute in the wider dtype
         common = torch.promote_types(a.dtype, b.dtype)
         a, b = a.to(common), b.to(common)
-    _checks.same_width([(name_a, a), (name_b, b)])
+    checks.same_width([(name_a, a), (name_b, b)])
     if same_rows and a.shape[0] != b.shape[0]:
         raise ValueError(f"{name_b}: expected shape {tuple(a.shape)} to match {name_a}, got {tuple(b.shape)}")
-    _checks.finite(name_a, a)
-    _checks.finite(name_b, b)
+    checks.finite(name_a, a)
+    checks.finite(name_b, b)
     return a, b
 
 
@@ -47,16 +47,16 @@ def similarity_cross_entropy(
     (n,) row log-sum-exp.
     """
     q, k = _validate_pair("q", q, "k", k, same_rows=False)
-    targets = _checks.tensor("targets", targets)
+    targets = checks.tensor("targets", targets)
     if targets.dim() != 1 or targets.shape[0] != q.shape[0]:
         raise ValueError(f"targets: expected shape ({q.shape[0]},) to match q, got {tuple(targets.shape)}")
     if targets.dtype != torch.int64:
         raise ValueError(f"targets: expected dtype int64, got {targets.dtype}")
     if targets.device != q.device:
         raise ValueError(f"targets: expected device {q.device}, got {targets.device}")
-    if _checks.value_checks_enabled() and bool(((targets < 0) | (targets >= k.shape[0])).any()):
+    if checks.value_checks_enabled() and bool(((targets < 0) | (targets >= k.shape[0])).any()):
         raise ValueError(f"targets: expected values in [0, {k.shape[0]}), got [{int(targets.min())}, {int(targets.max())}]")
-    scale = _checks.scalar("scale", scale, q.device)
+    scale = checks.scalar("scale", scale, q.device)
     if _backend.choose(backend, q, "similarity_cross_entropy") == "reference":
         return reference.similarity_cross_entropy(q, k, targets, scale)[0]
     return torch.ops.pyprotoclip.similarity_cross_entropy(q, k, targets, scale)[0]
@@ -89,7 +89,7 @@ def infonce_loss(
     image_features, text_features = _validate_pair(
         "image_features", image_features, "text_features", text_features, same_rows=True
     )
-    scale = _checks.scalar("logit_scale", logit_scale, image_features.device)
+    scale = checks.scalar("logit_scale", logit_scale, image_features.device)
     chosen = _backend.choose(backend, image_features, "infonce_loss")
     if not pdist.is_distributed(group):
         if chosen == "reference":

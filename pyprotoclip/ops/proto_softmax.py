@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from pyprotoclip import _library
-from pyprotoclip.ops import _backend, _checks, reference
+from pyprotoclip.ops import _backend, checks, reference
 
 _OPS_LOADED = _library.load()[0] is not None
 
@@ -22,13 +22,13 @@ def _number_dtype(features: torch.Tensor) -> torch.dtype | None:
 
 
 def _validate_features(features: object, prototypes: object) -> tuple[torch.Tensor, torch.Tensor]:
-    features = _checks.float_matrix("features", features)
-    prototypes = _checks.float_matrix("prototypes", prototypes)
-    _checks.same_device([("features", features), ("prototypes", prototypes)])
-    _checks.same_dtype([("features", features), ("prototypes", prototypes)])
-    _checks.same_width([("features", features), ("prototypes", prototypes)])
-    _checks.finite("features", features)
-    _checks.finite("prototypes", prototypes)
+    features = checks.float_matrix("features", features)
+    prototypes = checks.float_matrix("prototypes", prototypes)
+    checks.same_device([("features", features), ("prototypes", prototypes)])
+    checks.same_dtype([("features", features), ("prototypes", prototypes)])
+    checks.same_width([("features", features), ("prototypes", prototypes)])
+    checks.finite("features", features)
+    checks.finite("prototypes", prototypes)
     return features, prototypes
 
 
@@ -51,7 +51,7 @@ def proto_assign(
     forms the (B, K) matrix: extra memory is O(B k + block).
     """
     features, prototypes = _validate_features(features, prototypes)
-    temperature = _checks.scalar(
+    temperature = checks.scalar(
         "temperature", temperature, features.device, positive=True, dtype=_number_dtype(features)
     )
     chosen = _backend.choose(backend, features, "proto_assign")
@@ -70,25 +70,25 @@ def proto_assign(
 
 def _validate_target(target: object, features: torch.Tensor, num: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(target_index, target_probs): exactly one is set."""
-    target = _checks.tensor("target", target)
+    target = checks.tensor("target", target)
     batch = features.shape[0]
     if target.device != features.device:
         raise ValueError(f"target: expected device {features.device} (as features), got {target.device}")
     if target.dtype == torch.int64:
         if target.dim() != 1 or target.shape[0] != batch:
             raise ValueError(f"target: expected int64 indices of shape ({batch},), got {tuple(target.shape)}")
-        if _checks.value_checks_enabled() and batch > 0:
+        if checks.value_checks_enabled() and batch > 0:
             lo, hi = int(target.min()), int(target.max())
             if lo < 0 or hi >= num:
                 raise ValueError(f"target: expected indices in [0, {num}) (the number of prototypes), got [{lo}, {hi}]")
         return target, None
-    if target.dtype in _checks.FLOAT_DTYPES:
+    if target.dtype in checks.FLOAT_DTYPES:
         if target.dim() != 2 or tuple(target.shape) != (batch, num):
             raise ValueError(
                 f"target: expected probabilities of shape ({batch}, {num}) (features rows, prototypes rows), "
                 f"got {tuple(target.shape)}"
             )
-        if _checks.value_checks_enabled() and batch > 0:
+        if checks.value_checks_enabled() and batch > 0:
             # O(B) extra memory, not O(B K) (sum(dtype=float64) would copy the whole target first):
             # a row sum is non-finite iff the row has a NaN/Inf entry
             sums = target.sum(dim=1).double()
@@ -136,7 +136,7 @@ def proto_cross_entropy(
     recomputes the logits block by block from the saved per-row log-sum-exps.
     """
     features, prototypes = _validate_features(features, prototypes)
-    temperature = _checks.scalar(
+    temperature = checks.scalar(
         "temperature", temperature, features.device, positive=True, dtype=_number_dtype(features)
     )
     if reduction not in REDUCTIONS:
@@ -155,12 +155,12 @@ def proto_cross_entropy(
             raise ValueError("teacher_prototypes: expected a (K, dt) tensor with teacher_features, got None")
         if teacher_temperature is None:
             raise ValueError("teacher_temperature: expected a value > 0 with teacher_features, got None")
-        t_feat = _checks.float_matrix("teacher_features", teacher_features).detach()
-        t_proto = _checks.float_matrix("teacher_prototypes", teacher_prototypes).detach()
+        t_feat = checks.float_matrix("teacher_features", teacher_features).detach()
+        t_proto = checks.float_matrix("teacher_prototypes", teacher_prototypes).detach()
         named = [("features", features), ("teacher_features", t_feat), ("teacher_prototypes", t_proto)]
-        _checks.same_device(named)
-        _checks.same_dtype(named[1:])
-        _checks.same_width(named[1:])
+        checks.same_device(named)
+        checks.same_dtype(named[1:])
+        checks.same_width(named[1:])
         if t_feat.shape[0] != features.shape[0]:
             raise ValueError(
                 f"teacher_features: expected {features.shape[0]} rows (as features), got shape {tuple(t_feat.shape)}"
@@ -169,9 +169,9 @@ def proto_cross_entropy(
             raise ValueError(
                 f"teacher_prototypes: expected {num} rows (as prototypes), got shape {tuple(t_proto.shape)}"
             )
-        _checks.finite("teacher_features", t_feat)
-        _checks.finite("teacher_prototypes", t_proto)
-        t_temp = _checks.scalar(
+        checks.finite("teacher_features", t_feat)
+        checks.finite("teacher_prototypes", t_proto)
+        t_temp = checks.scalar(
             "teacher_temperature", teacher_temperature, features.device, positive=True, dtype=_number_dtype(features)
         ).detach()
     else:

@@ -150,6 +150,12 @@ def test_fit_errors():
         KMeans(2).fit(torch.randn(4, 2)).predict(torch.randn(4, 3))
 
 
+def test_predict_few_points_against_more_centroids():
+    km = KMeans(8, seed=0).fit(torch.randn(40, 2))
+    x = km.centroids_[[5, 2, 7]] + 1e-4
+    assert km.predict(x).tolist() == [5, 2, 7]
+
+
 # ---- multi-rank (gloo) ------------------------------------------------------------------------
 
 

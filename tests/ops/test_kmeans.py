@@ -72,7 +72,7 @@ def test_large_k_running_argmin_and_threads():
     x = torch.randn(1200, 4)
     c = torch.randn(8200, 4)
     c[8195] = x[0]  # exact hit in the second centroid block
-    out = torch.ops.pyprotoclip.kmeans_update(x, c, None, "l2")  # the op itself allows k > n
+    out = kmeans_update(x, c, backend="compiled")  # k > n: one shard of a sharded k-means
     _oracle_check(x, c, None, "l2", out, margin=1e-4)
     assert int(out[0][0]) == 8195
 
@@ -127,7 +127,6 @@ def test_non_contiguous_and_fp32_centroids_with_bf16_points():
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: (torch.randn(3, 4), torch.randn(5, 4), {}), "centroids"),          # K > N
     (lambda: (torch.randn(6, 4), torch.randn(2, 3), {}), "centroids"),          # d mismatch
     (lambda: (torch.randn(0, 4), torch.randn(1, 4), {}), "x"),                  # empty
     (lambda: (torch.randn(6, 0), torch.randn(1, 0), {}), "x"),                  # empty features

@@ -1,24 +1,45 @@
-"""Argument validation shared by the public op functions.
+"""Argument validation shared by the public op functions and the drivers built on them (k-means, losses).
 
-Every failure is a ``ValueError`` that names the argument and says what was expected. Value checks
-(finiteness, ranges) read data; they are skipped while ``torch.compile`` traces (they would break
-the graph) and when ``PYPROTOCLIP_SKIP_CHECKS=1``.
+Every failure is a ``ValueError`` that names the argument and says what was expected. Shape, dtype and
+device checks read metadata only. Value checks (finiteness, ranges, a scalar's sign) read data, which on
+a GPU is a device-to-host synchronisation; they are skipped while ``torch.compile`` traces (they would
+break the graph), inside :func:`skip_value_checks` (a training step, whose inputs come from the model,
+checks its loss instead) and when ``PYPROTOCLIP_SKIP_CHECKS=1``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Sequence
+import threading
+from typing import Iterator, Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def skip_value_checks() -> Iterator[None]:
+    """Within this block (this thread), op calls skip the checks that read tensor values.
+
+    For hot loops that validated their data once (k-means iterations) or whose inputs come from a
+    model (training steps): no device-to-host synchronisation per call. Metadata checks still run.
+    """
+    before = getattr(_state, "skip", False)
+    _state.skip = True
+    try:
+        yield
+    finally:
+        _state.skip = before
+
 
 def value_checks_enabled() -> bool:
-    if os.environ.get("PYPROTOCLIP_SKIP_CHECKS") == "1":
+    if torch.compiler.is_compiling():  # first: torch.compile folds it, and never traces the rest
         return False
-    return not torch.compiler.is_compiling()
+    return not (getattr(_state, "skip", False) or os.environ.get("PYPROTOCLIP_SKIP_CHECKS") == "1")
 
 
 def tensor(name: str, value: object) -> torch.Tensor:
@@ -61,6 +82,21 @@ def same_width(named: Sequence[tuple[str, torch.Tensor]]) -> None:
                 f"{name}: expected feature size {first.shape[-1]} to match {first_name} "
                 f"{tuple(first.shape)}, got {tuple(t.shape)}"
             )
+
+
+def weights_vector(name: str, value: object, n: int, like: torch.Tensor) -> torch.Tensor:
+    """Optional per-row weights: a (n,) floating tensor on ``like``'s device, finite and non-negative."""
+    w = tensor(name, value)
+    if w.dim() != 1 or w.shape[0] != n:
+        raise ValueError(f"{name}: expected shape ({n},) to match the rows, got {tuple(w.shape)}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected a floating dtype, got {w.dtype}")
+    if w.device != like.device:
+        raise ValueError(f"{name}: expected device {like.device}, got {w.device}")
+    finite(name, w)
+    if value_checks_enabled() and bool((w < 0).any()):
+        raise ValueError(f"{name}: expected non-negative values, got min {float(w.min())}")
+    return w
 
 
 def finite(name: str, t: torch.Tensor) -> None:
