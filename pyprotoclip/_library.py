@@ -71,8 +71,8 @@ def compiled_devices() -> frozenset[str]:
     return _compiled_devices
 
 
-def build_info() -> dict[str, Any]:
-    """What was compiled and what ``backend='auto'`` picks on each device."""
+def library_info() -> dict[str, Any]:
+    """What was compiled (CPU/CUDA kernels, archs, versions, OpenMP), or why nothing is loaded."""
     module, reason = load()
     info: dict[str, Any] = {
         "torch_version": torch.__version__,
@@ -95,8 +95,4 @@ def build_info() -> dict[str, Any]:
             "openmp_max_threads": built["openmp_max_threads"],
             "compiler": built["compiler"],
         })
-    from pyprotoclip.ops._backend import auto_backend
-
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    info["auto_backend"] = {dev: auto_backend(torch.device(dev)) for dev in devices}
     return info

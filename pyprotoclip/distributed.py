@@ -7,6 +7,7 @@ All functions take ``group=None`` for the default group and work single-process 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -89,6 +90,29 @@ def broadcast(tensor: torch.Tensor, src: int = 0, group: dist.ProcessGroup | Non
     if is_distributed(group):
         dist.broadcast(tensor, src=src, group=group)
     return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
+    """``obj`` from rank ``src`` on every rank (pickled; small objects only). Identity single-process."""
+    if not is_distributed(group):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def gather_object(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (pickled; small objects only)."""
+    if not is_distributed(group):
+        return [obj]
+    out: list[Any] = [None] * world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def barrier(group: dist.ProcessGroup | None = None) -> None:
+    if is_distributed(group):
+        dist.barrier(group=group)
 
 
 def init_from_env(backend: str | None = None) -> tuple[int, int, int]:

@@ -1,1 +1,6 @@
-"""pyprotoclip.eval."""
+"""Evaluation: zero-shot, linear probe, retrieval; :func:`evaluate_model` is the one metrics function
+that ``pyprotoclip eval`` and the validation during training share."""
+
+from pyprotoclip.eval.metrics import evaluate_model
+
+__all__ = ["evaluate_model"]

@@ -8,12 +8,8 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from pyprotoclip.eval.features import extract_features
-from pyprotoclip.eval.linear_probe import linear_probe
-from pyprotoclip.eval.retrieval import retrieval_recall
-from pyprotoclip.eval.zeroshot import build_classifier, zeroshot_classify
+from pyprotoclip.eval.metrics import evaluate_model
 
 
 def _read_lines(path: str, what: str) -> list[str]:
@@ -30,24 +26,16 @@ def load_model_from_checkpoint(path: str, model_name: str | None = None, device:
     """(model, preprocess_val, tokenizer, checkpoint_meta) from a training checkpoint or a plain state dict.
 
     The architecture comes from the checkpoint's ``model`` entry unless ``model_name`` overrides it;
-    a plain state dict needs ``model_name``.
+    a plain state dict needs ``model_name``. A method's additions to the model are not loaded.
     """
-    from pyprotoclip.models import create_model
-    from pyprotoclip.train.checkpoint import load_checkpoint
+    from pyprotoclip.checkpoint import load_checkpoint, model_weights
+    from pyprotoclip.models import create_model, load_weights
 
-    state = load_checkpoint(path)
-    meta: dict[str, Any] = {}
-    if isinstance(state, dict) and "state_dict" in state:
-        meta = {k: state[k] for k in ("step", "epoch", "model", "name", "method") if k in state}
-        weights = state["state_dict"]
-    else:
-        weights = state
+    weights, meta = model_weights(load_checkpoint(path))
     name = model_name or meta.get("model")
     if not name:
         raise ValueError(f"model: {path!r} is a plain state dict with no architecture name; pass --model NAME")
     model, _, preprocess_val, tokenizer = create_model(name, device=device)
-    from pyprotoclip.models import load_weights
-
     load_weights(model, weights, what="model", source=path, name=name)
     model.eval()
     meta["model"] = name
@@ -91,21 +79,14 @@ def evaluate(
         classnames, templates = pdata.read_zeroshot_files(data)
     cfg = pdata.DataConfig(shards=data, batch_size=batch_size, workers=workers, num_samples=num_samples, seed=seed, drop_last=False)
     loader = build_loader(cfg, preprocess=preprocess_val, tokenize=tokenizer, is_train=False)
-    feats = extract_features(model, loader, device=device)
-
+    metrics, details = evaluate_model(
+        model, loader, tokenizer=tokenizer, device=device, classnames=classnames, templates=templates, linear_probe=True,
+        probe_test_fraction=probe_test_fraction, probe_c=probe_c, seed=seed,
+    )
+    if "zeroshot" not in details:
+        raise ValueError("labels: no sample has a class label (all -1); zero-shot needs labelled data")
     results: dict[str, Any] = {"checkpoint": os.path.abspath(checkpoint), "data": data, **{f"ckpt_{k}": v for k, v in meta.items()}}
-    results["num_samples"] = int(feats["image_features"].shape[0])
-    with torch.no_grad():
-        w = build_classifier(lambda t: model.encode_text(t), tokenizer, classnames, templates, device=device)
-    labels = feats["labels"]
-    if int(labels.max()) >= len(classnames):
-        raise ValueError(f"classnames: the data has label {int(labels.max())} but only {len(classnames)} class names were given")
-    zs = zeroshot_classify(feats["image_features"], labels, w.cpu())
-    results.update(zeroshot_top1=zs["top1"], zeroshot_top5=zs["top5"], num_classes=len(classnames), num_templates=len(templates))
-    probe = linear_probe(feats["image_features"], labels, test_fraction=probe_test_fraction, seed=seed, C=probe_c)
-    results.update(linear_probe_top1=probe["top1"], linear_probe_train_top1=probe["train_top1"],
-                   linear_probe_num_train=probe["num_train"], linear_probe_num_test=probe["num_test"])
-    results.update(retrieval_recall(feats["image_features"], feats["text_features"]))
+    results.update(metrics)
     results["eval_seconds"] = time.time() - t0
 
     ckpt_dir = os.path.dirname(os.path.abspath(checkpoint))
@@ -115,12 +96,13 @@ def evaluate(
     results_path = os.path.join(out_dir, "results.jsonl")
     results["results"] = results_path
     if plot:
+        from sklearn.metrics import confusion_matrix
+
         from pyprotoclip.eval.plot import summary_plot
 
         stem = os.path.splitext(os.path.basename(checkpoint))[0]
         png = os.path.join(out_dir, f"eval-{stem}.png")
-        from sklearn.metrics import confusion_matrix
-
+        zs = details["zeroshot"]
         cm = confusion_matrix(zs["target"].numpy(), zs["pred"].numpy(), labels=list(range(len(classnames))))
         summary_plot(png, confusion=cm, classnames=classnames, run_dir=out_dir, metrics=results)
         results["plot"] = png

@@ -1,1 +1,16 @@
-"""pyprotoclip.losses."""
+"""Loss modules and the method registry (``--method``): CLIP, with the interface the other methods use."""
+
+from pyprotoclip.losses.base import EpochContext, Method, StepContext
+from pyprotoclip.losses.clip import ClipLoss, ClipMethod
+from pyprotoclip.losses.registry import get_method, method_names, register_method
+
+__all__ = [
+    "ClipLoss",
+    "ClipMethod",
+    "EpochContext",
+    "Method",
+    "StepContext",
+    "get_method",
+    "method_names",
+    "register_method",
+]

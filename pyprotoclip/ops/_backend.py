@@ -17,6 +17,14 @@ BACKENDS = ("auto", "compiled", "reference")
 _warned: set[str] = set()
 
 
+def build_info() -> dict:
+    """What was compiled (``_library.library_info``) and what ``backend='auto'`` picks on each device."""
+    info = _library.library_info()
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    info["auto_backend"] = {dev: auto_backend(torch.device(dev)) for dev in devices}
+    return info
+
+
 def auto_backend(device: torch.device) -> str:
     """What ``backend='auto'`` resolves to on ``device``."""
     forced = os.environ.get("PYPROTOCLIP_BACKEND", "").strip()

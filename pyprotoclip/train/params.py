@@ -11,12 +11,8 @@ from typing import Any
 
 import yaml
 
-METHODS = ("clip", "cyclip", "protoclip")
-# which issue brings each method that is not implemented yet
-METHOD_ISSUES = {
-    "cyclip": "the CyCLIP issue (cyclic-consistency losses, pyprotoclip/losses/cyclip.py)",
-    "protoclip": "the ProtoCLIP issue (episodes, k-means prototypes, pyprotoclip/losses/protoclip.py)",
-}
+from pyprotoclip.losses import get_method, method_names
+
 SCHEDULERS = ("cosine", "const", "const-cooldown")
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")
 
@@ -63,7 +59,8 @@ FLAGS: tuple[Flag, ...] = (
     # model
     Flag("model", str, "RN50", "Architecture: an open_clip name or a tiny built-in (tiny-vit, tiny-rn)."),
     Flag("pretrained", str, None, "Local checkpoint file to start from (loaded with weights_only=True)."),
-    Flag("method", tuple(METHODS), "clip", "Training objective."),
+    Flag("method", method_names(), "clip", "Training objective: " + "; ".join(
+        f"{n} ({get_method(n).summary})" for n in method_names()) + "."),
     # logging and checkpoints
     Flag("logs", str, "./logs/", "Where to write <logs>/<name>/ (alias --logs-dir: use it under torchrun)."),
     Flag("name", str, None, "Experiment name (default: date, model, lr, batch size, precision)."),
@@ -134,11 +131,6 @@ def coerce(flag: Flag, value: Any) -> Any:
 
 def validate(p: dict[str, Any]) -> None:
     """Cross-flag checks with messages that name the flag."""
-    if p["method"] != "clip":
-        raise ValueError(
-            f"method: --method {p['method']} is not implemented yet (it arrives with {METHOD_ISSUES[p['method']]}); "
-            "use --method clip"
-        )
     if not p["train_data"]:
         raise ValueError("train-data: required (brace-expanded shard spec, e.g. data/train/{00000..00009}.tar)")
     for key in ("batch_size", "epochs", "accum_freq", "log_every_n_steps"):
@@ -153,14 +145,15 @@ def validate(p: dict[str, Any]) -> None:
         raise ValueError(f"grad-clip-norm: expected > 0, got {p['grad_clip_norm']}")
     if p["lr_scheduler"] == "const-cooldown" and not p["epochs_cooldown"]:
         raise ValueError("epochs-cooldown: required with --lr-scheduler const-cooldown")
-    bad = [r for r in _report_to(p) if r not in ("tensorboard",)]
+    bad = [r for r in report_to(p) if r not in ("tensorboard",)]
     if bad:
         raise ValueError(f"report-to: supported loggers are 'tensorboard', got {', '.join(bad)}")
     if p["pretrained"] and not os.path.isfile(p["pretrained"]):
         raise ValueError(f"pretrained: no such file {p['pretrained']!r} (downloads are not supported: give a local file)")
+    get_method(p["method"]).check_params(p)
 
 
-def _report_to(p: dict[str, Any]) -> list[str]:
+def report_to(p: dict[str, Any]) -> list[str]:
     return [r.strip() for r in (p.get("report_to") or "").split(",") if r.strip()]
 
 

@@ -22,7 +22,7 @@ def fake_pdata(monkeypatch):
 
 def _checkpoint(tmp_path):
     from pyprotoclip.models import create_model
-    from pyprotoclip.train.checkpoint import save_checkpoint
+    from pyprotoclip.checkpoint import save_checkpoint
 
     model = create_model("tiny-rn", seed=0)[0]
     path = tmp_path / "run" / "checkpoints" / "epoch_1.pt"

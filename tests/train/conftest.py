@@ -14,14 +14,12 @@ def fake_train(monkeypatch, tmp_path):
     from pyprotoclip.train import params as P
     from pyprotoclip.train import trainer
 
-    monkeypatch.setattr(trainer, "_data_module", lambda: fake_data.module)
-
     def run(**overrides):
         p = P.defaults()
         p.update(train_data="fake", model="tiny-vit", batch_size=8, epochs=1, workers=0, warmup=1,
                  logs=str(tmp_path / "logs"), name="run", precision="fp32", log_every_n_steps=1,
                  train_num_samples=16, lr=1e-3)
         p.update(overrides)
-        return trainer.run(p)
+        return trainer.run(p, data=fake_data.module)
 
     return run

@@ -1,28 +1,17 @@
 """A tiny in-memory stand-in for ``pyprotoclip.data`` that follows the data contract
-(DataConfig, build_loader with epoch/rank/world_size/start_batch determinism)."""
+(build_loader with epoch/rank/world_size/start_batch determinism, read_zeroshot_files)."""
 
 from __future__ import annotations
 
-import dataclasses
 import types
 
 import torch
 
+from pyprotoclip.data import DataConfig
+
 NUM_SAMPLES = 64
 IMAGE = 64
 CONTEXT = 32
-
-
-@dataclasses.dataclass
-class DataConfig:
-    shards: str
-    batch_size: int
-    workers: int = 2
-    num_samples: int | None = None
-    resampled: bool = False
-    seed: int = 0
-    shuffle_buffer: int = 1000
-    drop_last: bool = True
 
 
 def _sample(i: int) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -7,8 +7,7 @@ import sys
 import pytest
 import torch
 
-from pyprotoclip.train import checkpoint as ckpt
-from pyprotoclip.train import trainer
+from pyprotoclip import checkpoint as ckpt
 
 HERE = os.path.dirname(__file__)
 
@@ -85,24 +84,75 @@ class _SGD0(torch.optim.SGD):
         super().__init__(params, lr=0.0)
 
 
+def _step_grads(model, loss_fn, images, texts, accum):
+    import contextlib
+
+    from pyprotoclip.losses import StepContext
+    from pyprotoclip.train.step import train_step
+
+    opt = _SGD0(model.parameters())
+    b = images.shape[0] // accum
+    batches = [{"image": images[i * b : (i + 1) * b], "text": texts[i * b : (i + 1) * b]} for i in range(accum)]
+    train_step(model, loss_fn, batches, opt, scaler=None, autocast=contextlib.nullcontext, device=torch.device("cpu"),
+               context=StepContext(step=0, epoch=0), grad_clip_norm=None)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def test_accum_freq_gives_full_batch_gradient():
-    """accum_freq=2 on two micro-batches of 8 gives the gradient of one batch of 16, logit scale included."""
+    """accum_freq=2 and 4 on micro-batches of a batch of 16 give the gradient of the one batch, logit scale included."""
+    from pyprotoclip.losses import ClipLoss
     from pyprotoclip.models import create_model
 
     model = create_model("tiny-vit")[0]
     torch.manual_seed(0)
     images, texts = torch.randn(16, 3, 64, 64), torch.randint(1, 1000, (16, 32))
-    grads = {}
-    for accum in (1, 2):
-        opt = _SGD0(model.parameters())
-        b = 16 // accum
-        batches = [{"image": images[i * b : (i + 1) * b], "text": texts[i * b : (i + 1) * b]} for i in range(accum)]
-        trainer._train_step(model, batches, opt, None, __import__("contextlib").nullcontext, "cpu", accum, None)
-        grads[accum] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert grads[1].keys() == grads[2].keys()
-    assert grads[1]["logit_scale"].abs() > 1e-4  # the test can fail: the scale has a real gradient
-    for n in grads[1]:
-        torch.testing.assert_close(grads[2][n], grads[1][n], atol=2e-6, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    full = _step_grads(model, ClipLoss(), images, texts, 1)
+    assert full["logit_scale"].abs() > 1e-4  # the test can fail: the scale has a real gradient
+    for accum in (2, 4):
+        got = _step_grads(model, ClipLoss(), images, texts, accum)
+        assert got.keys() == full.keys()
+        for n in full:
+            torch.testing.assert_close(got[n], full[n], atol=2e-6, rtol=1e-4, msg=lambda m, n=n: f"accum {accum}, {n}: {m}")
+
+
+class _TwoScaleModel(torch.nn.Module):
+    """A toy model with two learnable scales and a per-sample output besides the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = torch.nn.Linear(6, 4)
+        self.text = torch.nn.Linear(5, 4)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+        self.temperature = torch.nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, image, text):
+        i, t = self.image(image), self.text(text)
+        return {"image_features": torch.nn.functional.normalize(i, dim=-1),
+                "text_features": torch.nn.functional.normalize(t, dim=-1),
+                "raw": i, "logit_scale": self.logit_scale.exp(), "temperature": self.temperature}
+
+
+class _TwoScaleLoss(torch.nn.Module):
+    """CLIP plus a term that couples every sample with the second scale (not linear in the batch)."""
+
+    def forward(self, out, *, step_context):
+        from pyprotoclip.ops import infonce_loss
+
+        clip = infonce_loss(out["image_features"], out["text_features"], out["logit_scale"])
+        coupled = torch.logsumexp(out["raw"].sum(1) / out["temperature"], dim=0) * out["temperature"] ** 2
+        return {"clip": clip, "coupled": coupled, "loss": clip + coupled}
+
+
+def test_accum_freq_is_exact_for_every_scale_of_a_toy_method():
+    torch.manual_seed(0)
+    model = _TwoScaleModel()
+    images, texts = torch.randn(12, 6), torch.randn(12, 5)
+    full = _step_grads(model, _TwoScaleLoss(), images, texts, 1)
+    assert full["temperature"].abs() > 1e-3 and full["logit_scale"].abs() > 1e-4
+    for accum in (2, 3):
+        got = _step_grads(model, _TwoScaleLoss(), images, texts, accum)
+        for n in full:
+            torch.testing.assert_close(got[n], full[n], atol=1e-6, rtol=1e-5, msg=lambda m, n=n: f"accum {accum}, {n}: {m}")
 
 
 @pytest.mark.slow

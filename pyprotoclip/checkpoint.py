@@ -1,8 +1,12 @@
-"""Checkpoints: written atomically (temp file + ``os.replace``), read with ``weights_only=True``.
+"""The checkpoint format, shared by training (writes, resumes) and evaluation (reads the towers).
 
-A checkpoint is a plain dict of tensors and primitives: ``format``, ``step``, ``epoch`` (completed
-epochs), ``steps_per_epoch``, ``model`` (architecture name), ``model_cfg``, ``method``,
-``state_dict``, ``optimizer``, ``scaler``, ``scheduler``, ``rng`` (one entry per rank), ``params``.
+Checkpoints are written atomically (temp file + ``os.replace``) and read with ``weights_only=True``.
+A training checkpoint is a plain dict of tensors and primitives: ``format``, ``step``, ``epoch``
+(completed epochs), ``steps_per_epoch``, ``model`` (architecture name), ``model_cfg``, ``method``,
+``state_dict`` (the whole trained model, the method's additions included), ``method_keys`` (the
+state-dict keys the method added: projection heads, extra scales), ``method_state`` (prototypes,
+labels, ...), ``optimizer``, ``scaler``, ``scheduler``, ``rng`` (one entry per rank), ``world_size``,
+``params``. A plain state dict (open_clip's) is accepted wherever model weights are read.
 """
 
 from __future__ import annotations
@@ -53,6 +57,22 @@ def load_checkpoint(path: str, *, mmap: bool = False) -> dict[str, Any]:
         else:
             reason = (text.strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
         raise ValueError(f"checkpoint: {path!r} is not a torch checkpoint readable with weights_only=True ({reason[:200]})") from exc
+
+
+META_KEYS = ("step", "epoch", "model", "name", "method")
+
+
+def model_weights(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(architecture weights, meta) of a loaded checkpoint or plain state dict.
+
+    The weights leave out the keys a method added (``method_keys``): evaluation uses the towers.
+    meta holds step, epoch, model, name and method where the checkpoint records them.
+    """
+    if isinstance(state, dict) and "state_dict" in state:
+        extra = set(state.get("method_keys") or ())
+        weights = {k: v for k, v in state["state_dict"].items() if k not in extra}
+        return weights, {k: state[k] for k in META_KEYS if k in state}
+    return state, {}
 
 
 def find_latest(checkpoint_dir: str) -> str | None:

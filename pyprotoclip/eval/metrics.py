@@ -1,0 +1,79 @@
+"""The one metrics function: a model and a loader in, every evaluation metric out.
+
+Both ``pyprotoclip eval`` and the validation during training call :func:`evaluate_model`, so a
+number means the same thing wherever it is printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pyprotoclip.eval.features import extract_features, unwrap
+from pyprotoclip.eval.linear_probe import linear_probe as fit_linear_probe
+from pyprotoclip.eval.retrieval import retrieval_recall
+from pyprotoclip.eval.zeroshot import build_classifier, zeroshot_classify
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor, batch_size: int) -> float:
+    """Mean CLIP loss over consecutive batches of ``batch_size`` pairs (as a validation loss is usually
+    reported: in-batch negatives only). Features (N, d), normalised here; scale: exp(logit_scale)."""
+    from pyprotoclip.ops import infonce_loss
+
+    img = F.normalize(image_features, dim=-1)
+    txt = F.normalize(text_features, dim=-1)
+    total = 0.0
+    for i in range(0, len(img), batch_size):
+        total += float(infonce_loss(img[i : i + batch_size], txt[i : i + batch_size], scale)) * len(img[i : i + batch_size])
+    return total / len(img)
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    loader,
+    *,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    device: str | torch.device = "cpu",
+    autocast: Callable[[], Any] | None = None,
+    classnames: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+    linear_probe: bool = False,
+    probe_test_fraction: float = 0.5,
+    probe_c: float = 1.0,
+    loss_batch_size: int | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Extract features over ``loader`` and compute the metrics the data allows.
+
+    Always: retrieval recall@1/5/10 both ways and their mean. With ``loss_batch_size``: the CLIP loss
+    over batches of that size (``val_loss``). With class names and templates and labelled samples:
+    zero-shot top-1/top-5 (prompt ensembling). With ``linear_probe``: logistic regression on frozen
+    image features (a stratified held-out split of ``probe_test_fraction``).
+    Returns (metrics: name -> number, details: {"features", "zeroshot" (pred/target) when run}).
+    """
+    net = unwrap(model)
+    feats = extract_features(net, loader, device=device, autocast=autocast)
+    metrics: dict[str, Any] = {"num_samples": int(feats["image_features"].shape[0])}
+    details: dict[str, Any] = {"features": feats}
+    if loss_batch_size:
+        scale = net.logit_scale.exp().detach().float().cpu()
+        metrics["val_loss"] = contrastive_loss(feats["image_features"], feats["text_features"], scale, loss_batch_size)
+    metrics.update(retrieval_recall(feats["image_features"], feats["text_features"]))
+    labels = feats["labels"]
+    if classnames is not None and templates is not None and bool((labels >= 0).any()):
+        if int(labels.max()) >= len(classnames):
+            raise ValueError(f"classnames: the data has label {int(labels.max())} but only {len(classnames)} class names were given")
+        with torch.no_grad(), (autocast or contextlib.nullcontext)():
+            w = build_classifier(lambda t: net.encode_text(t), tokenizer, classnames, templates, device=device)
+        zs = zeroshot_classify(feats["image_features"].to(w.device), labels.to(w.device), w)
+        metrics.update(zeroshot_top1=zs["top1"], zeroshot_top5=zs["top5"], num_classes=len(classnames),
+                       num_templates=len(templates))
+        details["zeroshot"] = zs
+    if linear_probe:
+        probe = fit_linear_probe(feats["image_features"], labels, test_fraction=probe_test_fraction, seed=seed, C=probe_c)
+        metrics.update(linear_probe_top1=probe["top1"], linear_probe_train_top1=probe["train_top1"],
+                       linear_probe_num_train=probe["num_train"], linear_probe_num_test=probe["num_test"])
+    return metrics, details

@@ -1,0 +1,144 @@
+"""``train_one_epoch``: the steps of one epoch, from wherever the run stands, with logging and the
+mid-epoch save and stop policies."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from pyprotoclip.losses import EpochContext, StepContext
+from pyprotoclip.train import policy
+from pyprotoclip.train.reporting import Meter, TermMeter, format_terms, log
+from pyprotoclip.train.setup import TrainRun
+from pyprotoclip.train.state import save
+from pyprotoclip.train.step import batch_metadata, train_step
+
+DATA_WARN_FRACTION = 0.5  # warn when more than this share of step time waits for data
+
+
+class Speed:
+    """Step and data-wait times over the whole run, leaving out each epoch's first step (worker start-up)."""
+
+    def __init__(self) -> None:
+        self.step, self.data = Meter(), Meter()
+
+
+class _EpochLog:
+    """The numbers of one epoch between log lines: terms as device tensors, times as floats."""
+
+    def __init__(self, run: TrainRun, epoch: int, first: int) -> None:
+        self.run, self.epoch, self.first = run, epoch, first
+        self.epoch_terms = TermMeter()
+        self.window()
+        self.bar = None
+        if run.is_main and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=run.steps_per_epoch, initial=first, desc=f"epoch {epoch}", dynamic_ncols=True, file=sys.stdout)
+            run.console.bar = self.bar
+
+    def window(self) -> None:
+        self.batch_t, self.data_t = Meter(), Meter()
+
+    def add(self, terms: dict[str, Any], t_batch: float, t_data: float) -> None:
+        self.epoch_terms.add(terms)
+        self.last = terms
+        self.batch_t.update(t_batch)
+        self.data_t.update(t_data)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def write(self, local: int, lr: float) -> None:
+        """The log line and results row of step ``run.step`` (local step ``local`` of the epoch)."""
+        run, p = self.run, self.run.p
+        last = {k: float(v) for k, v in self.last.items()}
+        avg = self.epoch_terms.means()
+        scales = {"scale" + n[len("logit_scale"):]: float(getattr(run.net, n).detach().exp()) for n in run.method.scales}
+        sps = run.global_batch * self.batch_t.count / max(self.batch_t.total, 1e-9)
+        frac = self.data_t.total / max(self.batch_t.total, 1e-9)
+        spe, gb = run.steps_per_epoch, run.global_batch
+        log.info(
+            "Train Epoch: %d [%d/%d (%.0f%%)] step %d | %.1f samples/s (%.1f/s/device) | data %.1f%% | lr %.3e | %s | %s",
+            self.epoch, (local + 1) * gb, spe * gb, 100.0 * (local + 1) / spe, run.step, sps, sps / run.world, 100 * frac,
+            lr, " | ".join(f"{k} {v:.2f}" for k, v in scales.items()), format_terms(last, avg),
+        )
+        if frac > DATA_WARN_FRACTION and self.batch_t.count > 1:
+            log.warning("data loading takes %.0f%% of step time: raise --workers (now %d) or make shards faster to decode",
+                        100 * frac, p["workers"])
+        row = {"type": "train", "epoch": self.epoch, "step": run.step, "samples": run.step * gb, **last,
+               **{f"{k}_avg": v for k, v in avg.items()}, "lr": lr, **scales, "samples_per_s": sps,
+               "samples_per_s_per_device": sps / run.world, "data_fraction": frac}
+        run.results.write(row, scalars="train")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
+        self.window()
+
+    def close(self, loader: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.run.console.bar = None
+        stats = loader.stats() if hasattr(loader, "stats") else None
+        if stats and stats.get("bad_total"):
+            # the per-sample warnings come from loader workers and reach only stderr; this line reaches out.log
+            reasons = ", ".join(f"{k} {v}" for k, v in stats["bad"].items() if v)
+            log.warning("train-data: epoch %d skipped %d bad sample(s)/shard(s) on this process (%s); see the "
+                        "'skipping bad sample' warnings for which", self.epoch, stats["bad_total"], reasons)
+
+
+def _set_lr(run: TrainRun, epoch: int) -> float:
+    lr = run.lr(run.step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.method.group_lr(group, lr, epoch)
+    return lr
+
+
+def train_one_epoch(run: TrainRun, epoch: int, speed: Speed) -> bool:
+    """Train ``epoch`` from step ``run.step`` on; returns True when the stop policy ended the run inside it."""
+    p, accum, spe = run.p, run.p["accum_freq"], run.steps_per_epoch
+    first = run.step - epoch * spe
+    run.method.before_epoch(EpochContext(
+        epoch=epoch, step=run.step, model=run.net, device=run.device, autocast=run.autocast, rank=run.rank,
+        world_size=run.world, make_loader=run.make_loader, log=log,
+    ))
+    loader = run.make_loader(epoch, first * accum)
+    run.model.train()
+    out = _EpochLog(run, epoch, first)
+    it = iter(loader)
+    stopped = False
+    end = time.time()
+    for local in range(first, spe):
+        lr = _set_lr(run, epoch)
+        try:
+            batches = [next(it) for _ in range(accum)]
+        except StopIteration:
+            raise RuntimeError(
+                f"train-data: the loader stopped after {local} of {spe} steps in epoch {epoch}; "
+                "the shards hold fewer samples than --train-num-samples / sizes.json says"
+            ) from None
+        t_data = time.time() - end
+        context = StepContext(step=run.step, epoch=epoch, batch=batch_metadata(batches))
+        terms = train_step(run.model, run.loss_fn, batches, run.optimizer, scaler=run.scaler, autocast=run.autocast,
+                           device=run.device, context=context, grad_clip_norm=p["grad_clip_norm"])
+        run.method.after_optimizer_step(run.net)
+        run.step += 1
+        t_batch = time.time() - end
+        end = time.time()
+        out.add(terms, t_batch, t_data)
+        if local > first:  # an epoch's first step pays for worker start-up
+            speed.step.update(t_batch)
+            speed.data.update(t_data)
+        last_in_epoch = local + 1 == spe
+        if run.step % p["log_every_n_steps"] == 0 or last_in_epoch:
+            out.write(local, lr)
+        if last_in_epoch:
+            break
+        names = policy.checkpoints_after_step(p, run.step)
+        if names:  # the same on every rank: saving is collective (it gathers each rank's RNG)
+            save(run, names, epoch)
+        if policy.stop_reached(p, run.step):
+            log.info("stopping after step %d as asked (--stop-after-steps); resume with --resume latest", run.step)
+            stopped = True
+            break
+    out.close(loader)
+    return stopped

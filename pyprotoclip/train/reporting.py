@@ -1,0 +1,117 @@
+"""Where a run's numbers go: the console (above a tqdm bar on a terminal), out.log, results.jsonl and
+tensorboard; and meters that add a step's terms as tensors, so logging costs no synchronisation
+except on the steps that print."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any, Mapping
+
+import torch
+
+log = logging.getLogger("pyprotoclip.train")
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console handler that prints above an active tqdm bar instead of through it."""
+
+    bar = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stdout)
+        else:
+            super().emit(record)
+
+
+def setup_logging(log_file: str | None, is_main: bool) -> _TqdmHandler:
+    """Console (INFO on rank 0, WARNING elsewhere) and, on rank 0, ``log_file``; returns the console handler."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s | %(levelname)s | %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = _TqdmHandler(sys.stdout)
+    console.setFormatter(fmt)
+    console.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.addHandler(console)
+    if log_file:
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    return console
+
+
+class Meter:
+    """Mean of python numbers (times, data fractions)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, v: float, n: int = 1) -> None:
+        self.total += v * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+
+class TermMeter:
+    """Running sums of a step's loss terms, kept as detached tensors on the device; ``means()`` reads them."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, terms: Mapping[str, torch.Tensor]) -> None:
+        for name, value in terms.items():
+            value = value.detach()
+            self.sums[name] = value.clone() if name not in self.sums else self.sums[name] + value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {name: float(total) / max(self.count, 1) for name, total in self.sums.items()}
+
+
+def format_terms(last: Mapping[str, float], avg: Mapping[str, float]) -> str:
+    """'name last (running mean)' for every term; the total "loss" only when there are several terms."""
+    names = [n for n in last if n != "loss"]
+    if len(names) != 1:
+        names.append("loss")
+    return " | ".join(f"{n} {last[n]:.4f} ({avg[n]:.4f})" for n in names)
+
+
+class Results:
+    """results.jsonl (one JSON object per line) and tensorboard scalars; writes on rank 0 only."""
+
+    def __init__(self, run_dir: str, is_main: bool, tensorboard: bool) -> None:
+        self.path = os.path.join(run_dir, "results.jsonl")
+        self.is_main = is_main
+        self.tb = None
+        if is_main and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def write(self, row: Mapping[str, Any], *, scalars: str | None = None) -> None:
+        """Append ``row``; with ``scalars="train"`` its numbers also go to tensorboard under train/<key>."""
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(dict(row)) + "\n")
+        if self.tb is not None and scalars:
+            for key, value in row.items():
+                if isinstance(value, float) and key not in ("epoch", "step", "samples"):
+                    self.tb.add_scalar(f"{scalars}/{key}", value, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

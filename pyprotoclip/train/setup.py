@@ -1,0 +1,203 @@
+"""Building a run: its directory, device, model (with the method's additions), optimizer, scaler and
+data. :func:`build_run` returns a :class:`TrainRun` that the loop, saving and evaluation share."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from datetime import datetime
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from pyprotoclip import checkpoint as ckpt
+from pyprotoclip import distributed as pdist
+from pyprotoclip.losses import Method, get_method
+from pyprotoclip.train import params as P
+from pyprotoclip.train.reporting import Results, log, setup_logging
+from pyprotoclip.train.scheduler import lr_at
+from pyprotoclip.train.step import autocast_factory
+
+
+@dataclasses.dataclass
+class TrainRun:
+    """Everything a training run holds. ``model`` is what the step calls (DDP-wrapped under torchrun),
+    ``net`` the bare model (its state dict, its scales). ``step`` counts optimizer steps done."""
+
+    p: dict[str, Any]
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: str
+    ckpt_dir: str
+    resume_path: str | None
+    console: Any
+    method: Method
+    net: torch.nn.Module
+    model: torch.nn.Module
+    model_cfg: dict[str, Any]
+    method_keys: list[str]  # state-dict keys the method added to the architecture
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    autocast: Callable[[], Any]
+    preprocess_train: Callable
+    preprocess_val: Callable
+    tokenizer: Callable
+    data: Any
+    steps_per_epoch: int
+    results: Results
+    first_loader: Any = None
+    step: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.p["epochs"]
+
+    @property
+    def global_batch(self) -> int:
+        return self.p["batch_size"] * self.p["accum_freq"] * self.world
+
+    def lr(self, step: int) -> float:
+        p = self.p
+        return lr_at(
+            step, base_lr=p["lr"], warmup=p["warmup"], total_steps=self.total_steps, kind=p["lr_scheduler"],
+            cooldown_steps=(p["epochs_cooldown"] or 0) * self.steps_per_epoch, cooldown_end_lr=p["lr_cooldown_end"],
+            cooldown_power=p["lr_cooldown_power"],
+        )
+
+    def make_loader(self, epoch: int, start_batch: int = 0):
+        """The training loader of ``epoch`` for this rank, from micro-batch ``start_batch`` on."""
+        if epoch == 0 and start_batch == 0 and self.first_loader is not None:
+            loader, self.first_loader = self.first_loader, None
+            return loader
+        from pyprotoclip.data import DataConfig
+
+        p = self.p
+        cfg = DataConfig(
+            shards=p["train_data"], batch_size=p["batch_size"], workers=p["workers"], num_samples=p["train_num_samples"],
+            resampled=p["dataset_resampled"], seed=p["seed"], drop_last=True,
+        )
+        return self.data.build_loader(
+            cfg, preprocess=self.preprocess_train, tokenize=self.tokenizer, is_train=True, epoch=epoch, rank=self.rank,
+            world_size=self.world, start_batch=start_batch,
+        )
+
+
+def _default_name(p: dict[str, Any]) -> str:
+    date = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
+    return f"{date}-model_{p['model']}-lr_{p['lr']}-b_{p['batch_size']}-j_{p['workers']}-p_{p['precision']}"
+
+
+def _select_device(p: dict[str, Any], local_rank: int) -> torch.device:
+    if p["device"] == "cuda" or (p["device"] == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device: cuda requested but CUDA is not available")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def _prepare_run_dir(p: dict[str, Any], is_main: bool) -> tuple[str, str, str | None]:
+    """(run_dir, checkpoint dir, checkpoint to resume from). A run directory that holds a run is only
+    reused with --resume."""
+    if not p["name"]:
+        if p["resume"] == "latest":
+            raise ValueError("name: --resume latest needs the --name of the run to continue")
+        p["name"] = pdist.broadcast_object(_default_name(p))
+    run_dir = os.path.join(p["logs"], p["name"])
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    resume_path = None
+    if p["resume"] == "latest":
+        resume_path = ckpt.find_latest(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    elif p["resume"]:
+        if not os.path.isfile(p["resume"]):
+            raise ValueError(f"resume: no such checkpoint {p['resume']!r} (or use --resume latest)")
+        resume_path = p["resume"]
+    if is_main:
+        if os.path.exists(os.path.join(run_dir, "out.log")) and not p["resume"]:
+            raise ValueError(f"name: the run directory {run_dir!r} already exists; pass --resume latest or a new --name")
+        os.makedirs(ckpt_dir, exist_ok=True)
+    pdist.barrier()
+    return run_dir, ckpt_dir, resume_path
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_run(p: dict[str, Any], *, data: Any = None) -> TrainRun:
+    """Validate the flags, then build the run directory, device, model, optimizer, scaler and data.
+
+    data: where batches come from, an object with ``build_loader`` and ``read_zeroshot_files`` as
+    :mod:`pyprotoclip.data` has them (the default; tests pass an in-memory stand-in).
+    """
+    p = dict(p)
+    P.validate(p)
+    P.fill_model_defaults(p)
+    method = get_method(p["method"])(p)
+
+    rank, local_rank, world = pdist.init_from_env(p["dist_backend"])
+    device = _select_device(p, local_rank)
+    if data is None:
+        import pyprotoclip.data as data
+
+    run_dir, ckpt_dir, resume_path = _prepare_run_dir(p, rank == 0)
+    console = setup_logging(os.path.join(run_dir, "out.log") if rank == 0 else None, rank == 0)
+    if p["resume"] == "latest" and resume_path is None:
+        log.info("--resume latest: no checkpoint in %s, starting from scratch", ckpt_dir)
+    if p["precision"] == "amp" and device.type == "cpu":
+        log.info("--precision amp on CPU trains in fp32 (use amp_bf16 for bfloat16 autocast)")
+    if rank == 0:
+        P.dump_params(p, os.path.join(run_dir, "params.yaml"))
+
+    from pyprotoclip.models import create_model, get_model_config
+
+    random.seed(p["seed"])
+    np.random.seed(p["seed"])
+    base, preprocess_train, preprocess_val, tokenizer = create_model(
+        p["model"], pretrained=p["pretrained"], precision=p["precision"], device=device,
+        grad_checkpointing=p["grad_checkpointing"], seed=p["seed"],
+    )
+    base_keys = set(base.state_dict())
+    net = method.build_model(base)
+    _seed_everything(p["seed"] + rank)  # distinct streams per rank for anything random in the step
+    optimizer = torch.optim.AdamW(
+        method.param_groups(net, p["wd"]), lr=p["lr"], betas=(p["beta1"], p["beta2"]), eps=p["eps"]
+    )
+    autocast, use_scaler = autocast_factory(p["precision"], device)
+
+    run = TrainRun(
+        p=p, rank=rank, world=world, device=device, run_dir=run_dir, ckpt_dir=ckpt_dir, resume_path=resume_path,
+        console=console, method=method, net=net, model=net, model_cfg=get_model_config(p["model"]),
+        method_keys=sorted(set(net.state_dict()) - base_keys),
+        loss_fn=method.build_loss(), optimizer=optimizer, scaler=torch.amp.GradScaler("cuda") if use_scaler else None,
+        autocast=autocast, preprocess_train=preprocess_train, preprocess_val=preprocess_val, tokenizer=tokenizer,
+        data=data, steps_per_epoch=0,
+        results=Results(run_dir, rank == 0, "tensorboard" in P.report_to(p)),
+    )
+    run.first_loader = run.make_loader(0)
+    run.steps_per_epoch = run.first_loader.num_batches // p["accum_freq"]
+    if run.steps_per_epoch < 1:
+        raise ValueError(
+            f"train-data: an epoch has {run.first_loader.num_batches} batches per process, fewer than --accum-freq "
+            f"{p['accum_freq']}; use more samples or a smaller --batch-size"
+        )
+    return run
+
+
+def wrap_data_parallel(run: TrainRun) -> None:
+    """Under torchrun, the step calls the model through DDP (gradients averaged over ranks)."""
+    if pdist.is_distributed():
+        run.model = torch.nn.parallel.DistributedDataParallel(
+            run.net, device_ids=[run.device.index] if run.device.type == "cuda" else None
+        )
