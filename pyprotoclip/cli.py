@@ -11,12 +11,11 @@ import sys
 
 import click
 
-# name -> "module:attribute" of a click command or group
+# name -> ("module:attribute" of a click command or group, one-line help)
 SUBCOMMANDS = {
-    "train": ("pyprotoclip.train.cli:train", "Train CLIP / CyCLIP / ProtoCLIP (torchrun-launchable)."),
+    "train": ("pyprotoclip.train.cli:train", "Train a contrastive image-text model (--method; torchrun-launchable)."),
     "eval": ("pyprotoclip.eval.cli:eval_cmd", "Zero-shot, linear-probe and retrieval evaluation of a checkpoint."),
     "data": ("pyprotoclip.data.cli:data", "Write datasets as webdataset shards (synthetic, from CSV, from folders)."),
-    "ood": ("pyprotoclip.eval.ood_cli:ood", "Out-of-distribution detection scores (PALM)."),
 }
 
 
@@ -28,13 +27,7 @@ class LazyGroup(click.Group):
         if name in SUBCOMMANDS:
             target, _ = SUBCOMMANDS[name]
             module_name, attr = target.split(":")
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as exc:
-                if exc.name and exc.name.startswith("pyprotoclip"):
-                    return _not_available(name, SUBCOMMANDS[name][1])
-                raise
-            return getattr(module, attr)
+            return getattr(importlib.import_module(module_name), attr)
         return super().get_command(ctx, name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -42,15 +35,6 @@ class LazyGroup(click.Group):
         rows += [(name, cmd.get_short_help_str()) for name, cmd in sorted(self.commands.items())]
         with formatter.section("Commands"):
             formatter.write_dl(sorted(rows))
-
-
-def _not_available(name: str, help_text: str) -> click.Command:
-    @click.command(name=name, help=help_text, context_settings={"ignore_unknown_options": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def missing(args: tuple[str, ...]) -> None:
-        raise click.ClickException(f"`pyprotoclip {name}` is not available in this version of pyprotoclip")
-
-    return missing
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

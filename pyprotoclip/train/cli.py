@@ -46,7 +46,7 @@ def resolve_params(ctx: click.Context, given: dict[str, Any]) -> dict[str, Any]:
 @_with_flags
 @click.pass_context
 def train(ctx: click.Context, **given: Any) -> None:
-    """Train CLIP (CyCLIP and ProtoCLIP arrive with later issues) on webdataset shards.
+    """Train a contrastive image-text model (--method) on webdataset shards.
 
     Single process: `pyprotoclip train --train-data 'd/train/{00000..00009}.tar' --model tiny-vit ...`.
     Several processes: `torchrun --nproc_per_node N -m pyprotoclip train ...` (gloo on CPU, NCCL on GPU).

@@ -1,0 +1,119 @@
+"""A training step reads nothing back from the device except on the steps that log, and the ops get the
+features in the dtype the towers produced."""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# aten ops that copy a tensor's value to the host: .item(), float(t), bool(t), int(t), torch.equal
+READS = {"_local_scalar_dense", "item", "is_nonzero", "equal"}
+
+
+def _in_torch_optim() -> bool:
+    # torch's optimizers keep their step counts as host tensors (capturable=False) on every device and
+    # read them each step: that costs no device synchronisation, so it is not counted
+    return any("torch/optim/" in frame.filename for frame in traceback.extract_stack())
+
+
+class HostReads(TorchDispatchMode):
+    """Counts host reads of tensor values while ``counting`` is on; records the dtypes of pyprotoclip ops' inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.counting = True
+        self.reads: list[str] = []
+        self.op_dtypes: dict[str, set] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if self.counting and name.split("::")[-1] in READS and not _in_torch_optim():
+            self.reads.append(name)
+        if name.startswith("pyprotoclip::"):
+            dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() == 2}
+            self.op_dtypes.setdefault(name, set()).update(dtypes)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def watched_epoch(monkeypatch):
+    """Runs of the trainer where every epoch's host reads are counted, except inside the log-line writer."""
+    from pyprotoclip.train import epoch as epoch_mod
+
+    mode = HostReads()
+    write, train_one_epoch = epoch_mod._EpochLog.write, epoch_mod.train_one_epoch
+
+    def quiet_write(self, *a, **k):
+        mode.counting = False
+        try:
+            return write(self, *a, **k)
+        finally:
+            mode.counting = True
+
+    def watched(*a, **k):
+        with mode:
+            return train_one_epoch(*a, **k)
+
+    monkeypatch.setattr(epoch_mod._EpochLog, "write", quiet_write)
+    monkeypatch.setattr("pyprotoclip.train.trainer.train_one_epoch", watched)
+    return mode
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_training_steps_read_nothing_back_from_the_device(fake_train, watched_epoch, accum):
+    s = fake_train(epochs=2, accum_freq=accum, batch_size=8 // accum, log_every_n_steps=1000)
+    assert s["step"] == 4
+    assert watched_epoch.reads == [], f"host reads during training steps: {watched_epoch.reads}"
+
+
+def test_the_counter_sees_a_host_read(fake_train, watched_epoch, monkeypatch):
+    # the test above can fail: a step that prints its loss is caught
+    from pyprotoclip.train import step as step_mod
+
+    train_step = step_mod.train_step
+
+    def chatty(*a, **k):
+        terms = train_step(*a, **k)
+        float(terms["loss"])
+        return terms
+
+    monkeypatch.setattr("pyprotoclip.train.epoch.train_step", chatty)
+    fake_train(log_every_n_steps=1000)
+    assert "aten::_local_scalar_dense" in watched_epoch.reads
+
+
+def test_amp_bf16_hands_the_ops_bf16_features(fake_train, watched_epoch):
+    fake_train(precision="amp_bf16")
+    dtypes = watched_epoch.op_dtypes["pyprotoclip::symmetric_similarity_cross_entropy"]
+    assert dtypes == {torch.bfloat16}, dtypes
+
+
+@pytest.mark.cuda
+def test_cuda_training_steps_do_not_synchronise(fake_train, monkeypatch):
+    from pyprotoclip.train import epoch as epoch_mod
+
+    write = epoch_mod._EpochLog.write
+
+    def quiet_write(self, *a, **k):
+        torch.cuda.set_sync_debug_mode("default")
+        try:
+            return write(self, *a, **k)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    step = epoch_mod.train_step
+
+    def strict_step(*a, **k):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return step(*a, **k)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(epoch_mod._EpochLog, "write", quiet_write)
+    monkeypatch.setattr(epoch_mod, "train_step", strict_step)
+    s = fake_train(device="cuda", precision="amp_bf16", log_every_n_steps=1000)
+    assert s["step"] == 2
