@@ -40,7 +40,7 @@ def load() -> tuple[Any | None, str]:
         warnings.warn(reason, RuntimeWarning, stacklevel=3)
         return None, reason
     try:
-        from pyprotoclip import _C  # noqa: F401  (registers torch.ops.pyprotoclip.*)
+        import pyprotoclip._C as _C  # registers torch.ops.pyprotoclip.*
     except ImportError as exc:
         reason = f"pyprotoclip._C is not built ({exc}); using the pure-PyTorch reference ops"
         return None, reason
