@@ -86,6 +86,12 @@ class Method:
     def build_loss(self) -> torch.nn.Module:
         raise NotImplementedError
 
+    def train_transforms(self, preprocess: Callable, tokenize: Callable) -> tuple[Callable, Callable]:
+        """The training loader's (image preprocess, tokenizer): PIL image -> tensor, list of B captions
+        -> tensor with B rows. A method that needs more per sample (augmented views) wraps them; the
+        loader stacks whatever they return along a new leading batch dimension."""
+        return preprocess, tokenize
+
     def param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups (each with a "name"): open_clip's split, no weight decay on
         gains, biases, norm layers and the logit scales."""

@@ -84,8 +84,9 @@ class TrainRun:
             shards=p["train_data"], batch_size=p["batch_size"], workers=p["workers"], num_samples=p["train_num_samples"],
             resampled=p["dataset_resampled"], seed=p["seed"], drop_last=True,
         )
+        preprocess, tokenize = self.method.train_transforms(self.preprocess_train, self.tokenizer)
         return self.data.build_loader(
-            cfg, preprocess=self.preprocess_train, tokenize=self.tokenizer, is_train=True, epoch=epoch, rank=self.rank,
+            cfg, preprocess=preprocess, tokenize=tokenize, is_train=True, epoch=epoch, rank=self.rank,
             world_size=self.world, start_batch=start_batch,
         )
 
