@@ -72,7 +72,8 @@ def _write_build_info(with_cuda: bool, archs: str) -> None:
 def _extension():
     with_cuda = _want_cuda()
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-    sources = ["csrc/register.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # csrc/<op>.cpp: schemas and C++ entry points; csrc/module.cpp: build info; cpu/, cuda/: kernels
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     define = [("PYPROTOCLIP_PYTHON_MODULE", None), ("TORCH_VERSION_STRING", f'"{torch.__version__}"')]
     # no FMA contraction: the row epilogues rely on a*x - b rounding the same way in max and in exp
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]

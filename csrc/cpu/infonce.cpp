@@ -9,12 +9,12 @@
 #include <limits>
 #include <vector>
 
-#include "../ops.h"
-#include "../similarity_checks.h"
+#include "../infonce_checks.h"
 #include "../tiling.h"
 #include "rowops.h"
 
 namespace pyprotoclip {
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                 const at::Tensor& targets, const at::Tensor& scale) {
@@ -178,6 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entrop
   auto grad_scale = at::full(scale.sizes(), gs, scale.options());
   return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_scale};
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(pyprotoclip, CPU, m) {
   m.impl("similarity_cross_entropy", &similarity_cross_entropy_cpu);

@@ -10,7 +10,6 @@
 #include <string_view>
 
 #include "../kmeans_checks.h"
-#include "../ops.h"
 #include "../tiling.h"
 #include "rowops.h"
 
@@ -25,8 +24,6 @@ constexpr int64_t kCentroidBlock = 8192;
 constexpr int64_t kBlockBudget = int64_t(4) << 20;
 // Minimum elements of work per parallel chunk: below this a parallel section costs more than it saves.
 constexpr int64_t kMinChunkWork = int64_t(1) << 15;
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cpu(
     const at::Tensor& x, const at::Tensor& centroids, const std::optional<at::Tensor>& weights,
@@ -123,6 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cpu(
   });
   return {assign, score, sums, counts};
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(pyprotoclip, CPU, m) { m.impl("kmeans_update", &kmeans_update_cpu); }
 

@@ -15,8 +15,7 @@
 #include <optional>
 #include <vector>
 
-#include "../ops.h"
-#include "../proto_checks.h"
+#include "../proto_softmax_checks.h"
 #include "../tiling.h"
 #include "rowops.h"
 
@@ -41,8 +40,6 @@ int64_t rows_for(const Targets& t, int64_t n, int64_t k, const at::Tensor& like)
 void sub_scaled(float* out, const float* y, int64_t m, float mul) {
   for (int64_t j = 0; j < m; ++j) out[j] -= mul * y[j];
 }
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
     const at::Tensor& features, const at::Tensor& prototypes, const at::Tensor& temperature,
@@ -298,6 +295,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cpu(
   return {grad_f.to(features.scalar_type()), grad_p.to(prototypes.scalar_type()),
           grad_t.to(temperature.scalar_type())};
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(pyprotoclip, CPU, m) {
   m.impl("proto_softmax_loss", &proto_softmax_loss_cpu);

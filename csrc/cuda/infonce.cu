@@ -6,8 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../ops.h"
-#include "../similarity_checks.h"
+#include "../infonce_checks.h"
 #include "../tiling.h"
 #include "reduce.cuh"
 
@@ -83,8 +82,6 @@ __global__ void backward_block_kernel(float* __restrict__ block, int64_t m, cons
   scale_acc = cuda::block_sum(scale_acc, shared);
   if (threadIdx.x == 0) scale_terms[i] = scale_acc;
 }
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy_cuda(const at::Tensor& q, const at::Tensor& k,
                                                                  const at::Tensor& targets, const at::Tensor& scale) {
@@ -203,6 +200,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entrop
   const auto grad_scale = scale_terms.sum(at::kDouble).to(scale.scalar_type()).reshape(scale.sizes());
   return {grad_q.to(q.scalar_type()), grad_k.to(k.scalar_type()), grad_scale};
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(pyprotoclip, CUDA, m) {
   m.impl("similarity_cross_entropy", &similarity_cross_entropy_cuda);

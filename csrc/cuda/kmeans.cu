@@ -11,7 +11,6 @@
 #include <cmath>
 
 #include "../kmeans_checks.h"
-#include "../ops.h"
 #include "../tiling.h"
 #include "reduce.cuh"
 
@@ -80,8 +79,6 @@ __global__ void argmin_accumulate_kernel(const float* __restrict__ block, int64_
   }
 }
 
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cuda(
     const at::Tensor& x, const at::Tensor& centroids, const std::optional<at::Tensor>& weights,
     std::string_view metric) {
@@ -140,6 +137,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cuda(
   });
   return {assign, score, sums, counts};
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(pyprotoclip, CUDA, m) { m.impl("kmeans_update", &kmeans_update_cuda); }
 

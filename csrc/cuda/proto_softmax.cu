@@ -4,7 +4,7 @@
 // bf16/fp16, fp32 output) and a fused epilogue kernel, one CTA per row. The teacher takes one pass over
 // its row for its log-sum-exp and one for the loss. Saves the (n,) fp32 student (and teacher) lse for
 // backward, which recomputes each block and turns it into dL/dx in place. Values are not checked on the
-// host (it would synchronise; proto_checks.h): a temperature that is not finite and > 0, read on the
+// host (it would synchronise; proto_softmax_checks.h): a temperature that is not finite and > 0, read on the
 // device, gives NaN results, and so does an out-of-range hard target (the Python API rejects both).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,8 +12,7 @@
 
 #include <optional>
 
-#include "../ops.h"
-#include "../proto_checks.h"
+#include "../proto_softmax_checks.h"
 #include "../tiling.h"
 #include "reduce.cuh"
 
@@ -137,8 +136,6 @@ __global__ void loss_backward_kernel(float* __restrict__ x, const float* __restr
   acc = cuda::block_sum(acc, shared);
   if (threadIdx.x == 0) tau_terms[i] = acc;
 }
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cuda(
     const at::Tensor& features, const at::Tensor& prototypes, const at::Tensor& temperature,
@@ -329,6 +326,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cuda(
   return {grad_f.to(features.scalar_type()), grad_p.to(prototypes.scalar_type()),
           grad_t.to(temperature.scalar_type()).to(temperature.device())};
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(pyprotoclip, CUDA, m) {
   m.impl("proto_softmax_loss", &proto_softmax_loss_cuda);
