@@ -3,7 +3,8 @@
 // Device, dtype and shape checks hold on both devices. Value checks (index ranges, temperature > 0)
 // read data on the host, so they run for CPU tensors only: on CUDA they would synchronise every call.
 // There the public Python functions validate, and the kernels turn an out-of-range hard target into a
-// NaN loss and a temperature that is not finite and > 0 into NaN results.
+// NaN loss and a temperature that is not finite and > 0 into NaN results. ProtoTargets is the checked
+// target as both kernels read it, block by block.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -122,10 +123,37 @@ inline void check_proto_topk(const char* op, int64_t topk, int64_t k) {
 
 // A checked target in the form both kernels read it: hard indices, soft probabilities, or the teacher's
 // features and prototypes in their GEMM dtype with tau_t a 0-d fp32 tensor on the features' device
-// (the CUDA kernels read it there without a host sync; the CPU kernels read its value).
+// (the CUDA kernels read it there without a host sync; the CPU kernels read its value). The kernels
+// walk row blocks of the features (tiling.h) and ask it for each block's q with block_q.
 struct ProtoTargets {
   ProtoTargetKind mode;
   at::Tensor index, probs, tf, tc, tau_t;
+
+  // Rows per block for n rows against k prototypes, on `like`'s device. A teacher target needs a
+  // second (rows, k) fp32 buffer for its own dots, so each buffer gets half the block budget; that
+  // buffer is allocated here, once.
+  int64_t rows_per_block(int64_t n, int64_t k, const at::Tensor& like) {
+    const bool teacher = mode == ProtoTargetKind::kTeacher;
+    const int64_t rows = block_rows(n, k, teacher ? block_budget(like) / 2 : block_budget(like));
+    if (teacher) teacher_dots_ = at::empty({rows, k}, like.options().dtype(at::kFloat));
+    return rows;
+  }
+
+  // q of rows [r0, r1), (r1 - r0, k) fp32 contiguous: the soft targets, or the teacher's raw dots
+  // T[r0:r1] C^T (not yet divided by tau_t nor softmaxed; one GEMM into the buffer that
+  // rows_per_block allocated, overwritten by the next call). Undefined for a hard target.
+  at::Tensor block_q(int64_t r0, int64_t r1) {
+    if (mode == ProtoTargetKind::kSoft) return probs.narrow(0, r0, r1 - r0).to(at::kFloat).contiguous();
+    if (mode != ProtoTargetKind::kTeacher) return at::Tensor();
+    TORCH_CHECK(teacher_dots_.defined() && r1 - r0 <= teacher_dots_.size(0),
+                "ProtoTargets::block_q: call rows_per_block first, and stay within its rows");
+    at::Tensor q = block_view(teacher_dots_, r1 - r0);
+    gemm_nt_into(tf.narrow(0, r0, r1 - r0), tc, q);
+    return q;
+  }
+
+ private:
+  at::Tensor teacher_dots_;  // (rows, k) fp32, teacher mode only
 };
 
 inline ProtoTargets make_proto_targets(const char* op, const at::Tensor& features, int64_t k,

@@ -29,7 +29,7 @@ inline int64_t block_rows(int64_t n, int64_t cols, int64_t budget = kBlockElems)
 inline int64_t block_budget(const at::Tensor& like) { return like.is_cuda() ? kBlockElemsCuda : kBlockElems; }
 
 inline int64_t block_rows(int64_t n, int64_t cols, const at::Tensor& like) {
-  return block_rows(n, cols, like.is_cuda() ? kBlockElemsCuda : kBlockElems);
+  return block_rows(n, cols, block_budget(like));
 }
 
 // Calls fn(r0, r1) for consecutive row blocks [r0, r1) covering [0, n).
@@ -63,25 +63,43 @@ inline void gemm_nt_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& o
 
 // Backward GEMMs of one block. coef (r, m) fp32 is dL/d(a_blk b^T):
 //   grad_a_blk (r, d) fp32  = coef @ b
-//   grad_b     (m, d) fp32 += coef^T @ a_blk
+//   grad_b     (m, d) fp32 += coef^T @ a_blk   (skipped when grad_b is null: b needs no gradient)
 // With half/bf16 operands (CUDA) coef is rounded to their dtype first so that the GEMMs run on
 // tensor cores, as flash-attention does for its dS; accumulation and outputs stay fp32.
 inline void backprop_block(const at::Tensor& coef, const at::Tensor& a_blk, const at::Tensor& b,
-                           at::Tensor grad_a_blk, at::Tensor& grad_b) {
+                           at::Tensor grad_a_blk, at::Tensor* grad_b) {
   if (a_blk.scalar_type() == at::kFloat) {
     at::mm_out(grad_a_blk, coef, b);
-    grad_b.addmm_(coef.t(), a_blk);
+    if (grad_b != nullptr) grad_b->addmm_(coef.t(), a_blk);
   } else {
     const at::Tensor c = coef.to(a_blk.scalar_type());
     at::mm_out(grad_a_blk, c, b, at::kFloat);
     // addmm with an fp32 accumulator and half/bf16 operands is not accepted by every torch >= 2.11
-    grad_b.add_(at::mm(c.t(), a_blk, at::kFloat));
+    if (grad_b != nullptr) grad_b->add_(at::mm(c.t(), a_blk, at::kFloat));
   }
 }
 
 // View of the first `rows` rows of a preallocated (max_rows, cols) buffer.
 inline at::Tensor block_view(const at::Tensor& buffer, int64_t rows) {
   return buffer.narrow(0, 0, rows);
+}
+
+// The tile loop of every row-blocked kernel: for consecutive row blocks [r0, r1) of a (n, d), at most
+// `rows` rows each, forms the raw dots blk (r1 - r0, m) fp32 = a[r0:r1] @ b(m, d)^T with one GEMM and
+// calls fn(r0, r1, a_blk, blk), where a_blk = a[r0:r1]. The epilogue may overwrite blk (backward
+// kernels turn it into dL/d(a_blk b^T) in place). Blocks live in one reusable (rows, m) fp32 buffer,
+// or, when `out` is given (an (n, m) contiguous fp32 tensor), are its rows: no buffer, no copy.
+template <class Fn>
+inline void for_each_gemm_block(const at::Tensor& a, const at::Tensor& b, int64_t rows, Fn&& fn,
+                                const at::Tensor& out = at::Tensor()) {
+  const int64_t n = a.size(0), m = b.size(0);
+  const at::Tensor buffer = out.defined() ? at::Tensor() : at::empty({rows, m}, a.options().dtype(at::kFloat));
+  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
+    const at::Tensor a_blk = a.narrow(0, r0, r1 - r0);
+    at::Tensor blk = out.defined() ? out.narrow(0, r0, r1 - r0) : block_view(buffer, r1 - r0);
+    gemm_nt_into(a_blk, b, blk);
+    fn(r0, r1, a_blk, blk);
+  });
 }
 
 }  // namespace pyprotoclip

@@ -32,11 +32,8 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy_cpu(const at::Tensor
   float* loss_p = loss.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
   const int64_t rows = block_rows(n, m, q);
-  auto buffer = at::empty({rows, m}, qf.options());
-  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
-    auto blk = block_view(buffer, r1 - r0);
-    gemm_nt_into(qf.narrow(0, r0, r1 - r0), kf, blk);
-    float* b = blk.data_ptr<float>();
+  for_each_gemm_block(qf, kf, rows, [&](int64_t r0, int64_t r1, const at::Tensor&, at::Tensor& blk) {
+    const float* b = blk.data_ptr<float>();
     at::parallel_for(0, r1 - r0, cpu::row_grain(m), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const float* row = b + i * m;
@@ -65,11 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
     const float *gp = g.data_ptr<float>(), *lp = l.data_ptr<float>();
     const int64_t* tp = t.data_ptr<int64_t>();
     const int64_t rows = block_rows(n, m, q);
-    auto buffer = at::empty({rows, m}, qf.options());
-    for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
-      auto blk = block_view(buffer, r1 - r0);
-      const auto q_blk = qf.narrow(0, r0, r1 - r0);
-      gemm_nt_into(q_blk, kf, blk);  // raw dots x_ij; S_ij = s * x_ij
+    // blocks of raw dots x_ij; S_ij = s * x_ij
+    for_each_gemm_block(qf, kf, rows, [&](int64_t r0, int64_t r1, const at::Tensor& q_blk, at::Tensor& blk) {
       float* b = blk.data_ptr<float>();
       at::parallel_for(0, r1 - r0, cpu::row_grain(m), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
@@ -85,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
           row[tj] -= gi_loss * s;
         }
       });
-      backprop_block(blk, q_blk, kf, grad_q.narrow(0, r0, r1 - r0), grad_k);
+      backprop_block(blk, q_blk, kf, grad_q.narrow(0, r0, r1 - r0), &grad_k);
     });
   }
   double gs = 0.0;
@@ -112,11 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_
   float *cm = col_max.data_ptr<float>(), *cs = col_sum.data_ptr<float>(), *dg = diag.data_ptr<float>();
   float *lr = lse_rows.data_ptr<float>(), *lc = lse_cols.data_ptr<float>();
   const int64_t rows = block_rows(n, n, q);
-  auto buffer = at::empty({rows, n}, qf.options());
-  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
-    auto blk = block_view(buffer, r1 - r0);
-    gemm_nt_into(qf.narrow(0, r0, r1 - r0), kf, blk);
-    float* b = blk.data_ptr<float>();
+  for_each_gemm_block(qf, kf, rows, [&](int64_t r0, int64_t r1, const at::Tensor&, at::Tensor& blk) {
+    const float* b = blk.data_ptr<float>();
     at::parallel_for(0, r1 - r0, cpu::row_grain(n), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const float* row = b + i * n;
@@ -151,11 +142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entrop
     const float *grp = gr.data_ptr<float>(), *gcp = gc.data_ptr<float>();
     const float *lrp = lr.data_ptr<float>(), *lcp = lc.data_ptr<float>();
     const int64_t rows = block_rows(n, n, q);
-    auto buffer = at::empty({rows, n}, qf.options());
-    for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
-      auto blk = block_view(buffer, r1 - r0);
-      const auto q_blk = qf.narrow(0, r0, r1 - r0);
-      gemm_nt_into(q_blk, kf, blk);  // raw dots x_ij; S_ij = s x_ij
+    // blocks of raw dots x_ij; S_ij = s x_ij
+    for_each_gemm_block(qf, kf, rows, [&](int64_t r0, int64_t r1, const at::Tensor& q_blk, at::Tensor& blk) {
       float* b = blk.data_ptr<float>();
       at::parallel_for(0, r1 - r0, cpu::row_grain(n), [&](int64_t i0, int64_t i1) {
         std::vector<float> coef(n);
@@ -170,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entrop
           cpu::scale(coef.data(), row, n, s);                        // dL/dx_ij = s dL/dS_ij
         }
       });
-      backprop_block(blk, q_blk, kf, grad_q.narrow(0, r0, r1 - r0), grad_k);
+      backprop_block(blk, q_blk, kf, grad_q.narrow(0, r0, r1 - r0), &grad_k);
     });
   }
   double gs = 0.0;

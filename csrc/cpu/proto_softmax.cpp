@@ -31,11 +31,6 @@ float teacher_inverse_temperature(const char* op, const Targets& t) {
   return t.mode == Mode::kTeacher ? 1.0f / positive_value(op, "teacher_temperature", t.tau_t) : 1.0f;
 }
 
-// Rows per block: the teacher needs a second (rows, k) buffer, so each gets half the budget.
-int64_t rows_for(const Targets& t, int64_t n, int64_t k, const at::Tensor& like) {
-  return block_rows(n, k, t.mode == Mode::kTeacher ? block_budget(like) / 2 : block_budget(like));
-}
-
 // out[j] -= mul * y[j]
 void sub_scaled(float* out, const float* y, int64_t m, float mul) {
   for (int64_t j = 0; j < m; ++j) out[j] -= mul * y[j];
@@ -49,8 +44,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
   const char* op = "proto_softmax_loss";
   check_proto_features(op, features, prototypes, temperature);
   const int64_t n = features.size(0), k = prototypes.size(0);
-  const Targets tg = make_proto_targets(op, features, k, target_index, target_probs, teacher_features,
-                                        teacher_prototypes, teacher_temperature);
+  Targets tg = make_proto_targets(op, features, k, target_index, target_probs, teacher_features,
+                                  teacher_prototypes, teacher_temperature);
   const float inv_tau_t = teacher_inverse_temperature(op, tg);
   const auto f32 = features.options().dtype(at::kFloat);
   auto loss = at::empty({n}, f32), lse = at::empty({n}, f32);
@@ -61,19 +56,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
   float *loss_p = loss.data_ptr<float>(), *lse_p = lse.data_ptr<float>();
   float* tlse_p = tg.mode == Mode::kTeacher ? teacher_lse.data_ptr<float>() : nullptr;
   const int64_t* idx_p = tg.mode == Mode::kHard ? tg.index.data_ptr<int64_t>() : nullptr;
-  const int64_t rows = rows_for(tg, n, k, features);
-  auto buffer = at::empty({rows, k}, f32);
-  auto tbuffer = tg.mode == Mode::kTeacher ? at::empty({rows, k}, f32) : at::Tensor();
-  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
-    auto blk = block_view(buffer, r1 - r0);
-    gemm_nt_into(ff.narrow(0, r0, r1 - r0), pf, blk);  // raw dots x_ij; a_ij = x_ij / tau
+  const int64_t rows = tg.rows_per_block(n, k, features);
+  // blocks of raw dots x_ij; a_ij = x_ij / tau
+  for_each_gemm_block(ff, pf, rows, [&](int64_t r0, int64_t r1, const at::Tensor&, at::Tensor& blk) {
     const float* b = blk.data_ptr<float>();
-    at::Tensor q;  // (rows, k) fp32: soft targets, or the teacher's raw dots
-    if (tg.mode == Mode::kSoft) q = tg.probs.narrow(0, r0, r1 - r0).to(at::kFloat).contiguous();
-    if (tg.mode == Mode::kTeacher) {
-      q = block_view(tbuffer, r1 - r0);
-      gemm_nt_into(tg.tf.narrow(0, r0, r1 - r0), tg.tc, q);
-    }
+    const at::Tensor q = tg.block_q(r0, r1);  // (rows, k) fp32: soft targets, or the teacher's raw dots
     float* qb = q.defined() ? q.data_ptr<float>() : nullptr;
     const auto q_sum = tg.mode == Mode::kSoft ? q.sum(1) : at::Tensor();  // (rows,) sum_j q_ij
     const float* qs = q_sum.defined() ? q_sum.data_ptr<float>() : nullptr;
@@ -118,8 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cpu(
   const char* op = "_proto_softmax_loss_backward";
   check_proto_features(op, features, prototypes, temperature);
   const int64_t n = features.size(0), k = prototypes.size(0), d = features.size(1);
-  const Targets tg = make_proto_targets(op, features, k, target_index, target_probs, teacher_features,
-                                        teacher_prototypes, teacher_temperature);
+  Targets tg = make_proto_targets(op, features, k, target_index, target_probs, teacher_features,
+                                  teacher_prototypes, teacher_temperature);
   const float inv_tau_t = teacher_inverse_temperature(op, tg);
   check_proto_loss_grads(op, n, grad_loss, grad_lse, lse, tg.mode, teacher_lse);
   const auto f32 = features.options().dtype(at::kFloat);
@@ -137,20 +124,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cpu(
     const float* gsp = gs.defined() ? gs.data_ptr<float>() : nullptr;
     const float* tlp = tls.defined() ? tls.data_ptr<float>() : nullptr;
     const int64_t* idx_p = tg.mode == Mode::kHard ? tg.index.data_ptr<int64_t>() : nullptr;
-    const int64_t rows = rows_for(tg, n, k, features);
-    auto buffer = at::empty({rows, k}, f32);
-    auto tbuffer = tg.mode == Mode::kTeacher ? at::empty({rows, k}, f32) : at::Tensor();
-    for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
-      auto blk = block_view(buffer, r1 - r0);
-      const auto f_blk = ff.narrow(0, r0, r1 - r0);
-      gemm_nt_into(f_blk, pf, blk);
+    const int64_t rows = tg.rows_per_block(n, k, features);
+    for_each_gemm_block(ff, pf, rows, [&](int64_t r0, int64_t r1, const at::Tensor& f_blk, at::Tensor& blk) {
       float* b = blk.data_ptr<float>();
-      at::Tensor q;
-      if (tg.mode == Mode::kSoft) q = tg.probs.narrow(0, r0, r1 - r0).to(at::kFloat).contiguous();
-      if (tg.mode == Mode::kTeacher) {
-        q = block_view(tbuffer, r1 - r0);
-        gemm_nt_into(tg.tf.narrow(0, r0, r1 - r0), tg.tc, q);
-      }
+      const at::Tensor q = tg.block_q(r0, r1);
       float* qb = q.defined() ? q.data_ptr<float>() : nullptr;
       const auto q_sum = tg.mode == Mode::kSoft ? q.sum(1) : at::Tensor();  // (rows,) sum_j q_ij
       const float* qs = q_sum.defined() ? q_sum.data_ptr<float>() : nullptr;
@@ -186,14 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cpu(
           }
         }
       });
-      if (need_f || need_p) {
-        if (need_p) {
-          backprop_block(blk, f_blk, pf, grad_f.narrow(0, r0, r1 - r0), grad_p);
-        } else {
-          auto gf = grad_f.narrow(0, r0, r1 - r0);
-          at::mm_out(gf, blk, pf);
-        }
-      }
+      if (need_f || need_p) backprop_block(blk, f_blk, pf, grad_f.narrow(0, r0, r1 - r0), need_p ? &grad_p : nullptr);
     });
   }
   double gt = 0.0;
@@ -213,10 +183,7 @@ at::Tensor proto_assign_cpu(const at::Tensor& features, const at::Tensor& protot
   const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
   const bool direct = out.scalar_type() == at::kFloat;  // fp32: the output rows are the block
   const int64_t rows = block_rows(n, k, features);
-  auto buffer = direct ? at::Tensor() : at::empty({rows, k}, ff.options());
-  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
-    auto blk = direct ? out.narrow(0, r0, r1 - r0) : block_view(buffer, r1 - r0);
-    gemm_nt_into(ff.narrow(0, r0, r1 - r0), pf, blk);
+  const auto on_block = [&](int64_t r0, int64_t r1, const at::Tensor&, at::Tensor& blk) {
     float* b = blk.data_ptr<float>();
     at::parallel_for(0, r1 - r0, cpu::row_grain(k), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
@@ -225,7 +192,8 @@ at::Tensor proto_assign_cpu(const at::Tensor& features, const at::Tensor& protot
       }
     });
     if (!direct) out.narrow(0, r0, r1 - r0).copy_(blk);
-  });
+  };
+  for_each_gemm_block(ff, pf, rows, on_block, direct ? out : at::Tensor());
   return out;
 }
 
@@ -241,12 +209,9 @@ std::tuple<at::Tensor, at::Tensor> proto_assign_topk_cpu(const at::Tensor& featu
   const float it = 1.0f / positive_value(op, "temperature", temperature);
   const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
   const int64_t rows = block_rows(n, k, features);
-  auto buffer = at::empty({rows, k}, ff.options());
   auto lse = at::empty({rows, 1}, ff.options());
-  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
-    auto blk = block_view(buffer, r1 - r0);
+  for_each_gemm_block(ff, pf, rows, [&](int64_t r0, int64_t r1, const at::Tensor&, at::Tensor& blk) {
     auto l = block_view(lse, r1 - r0);
-    gemm_nt_into(ff.narrow(0, r0, r1 - r0), pf, blk);
     const float* b = blk.data_ptr<float>();
     float* lp = l.data_ptr<float>();
     at::parallel_for(0, r1 - r0, cpu::row_grain(k), [&](int64_t i0, int64_t i1) {
@@ -275,11 +240,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cpu(
     it = 1.0f / positive_value(op, "temperature", temperature);
     const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
     const int64_t rows = block_rows(n, k, features);
-    auto buffer = at::empty({rows, k}, f32);
-    for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
-      const auto f_blk = ff.narrow(0, r0, r1 - r0);
-      auto x = block_view(buffer, r1 - r0);
-      gemm_nt_into(f_blk, pf, x);  // raw dots; a = x / tau
+    // x: blocks of raw dots; a = x / tau
+    for_each_gemm_block(ff, pf, rows, [&](int64_t r0, int64_t r1, const at::Tensor& f_blk, at::Tensor& x) {
       const auto p = at::softmax(x * it, 1);
       const auto g = grad_probs.narrow(0, r0, r1 - r0).to(at::kFloat);
       // softmax backward: dL/da_ij = p_ij (g_ij - sum_l g_il p_il); dL/dtau = -(1/tau^2) sum_ij dL/da_ij x_ij
@@ -287,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cpu(
       if (output_mask[2]) tau_acc += (ga * x).sum().item<double>();
       if (output_mask[0] || output_mask[1]) {
         ga.mul_(it);
-        backprop_block(ga, f_blk, pf, grad_f.narrow(0, r0, r1 - r0), grad_p);
+        backprop_block(ga, f_blk, pf, grad_f.narrow(0, r0, r1 - r0), &grad_p);
       }
     });
   }

@@ -97,10 +97,7 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy_cuda(const at::Tenso
   const auto qc = gemm_operand(q), kc = gemm_operand(k), t = targets.contiguous();
   const auto s = device_scalar(scale, q.device());
   const int64_t rows = block_rows(n, m, q);
-  auto buffer = at::empty({rows, m}, q.options().dtype(at::kFloat));
-  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
-    auto blk = block_view(buffer, r1 - r0);
-    gemm_nt_into(qc.narrow(0, r0, r1 - r0), kc, blk);
+  for_each_gemm_block(qc, kc, rows, [&](int64_t r0, int64_t r1, const at::Tensor&, at::Tensor& blk) {
     row_lse_kernel<<<r1 - r0, kRowThreads, 0, stream>>>(blk.data_ptr<float>(), m, s.data_ptr<float>(),
                                                          t.data_ptr<int64_t>() + r0, lse.data_ptr<float>() + r0,
                                                          loss.data_ptr<float>() + r0, nullptr, 0);
@@ -123,16 +120,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
     const auto s = device_scalar(scale, q.device());
     const auto g = grad_loss.to(at::kFloat).contiguous(), l = lse.to(at::kFloat).contiguous();
     const int64_t rows = block_rows(n, m, q);
-    auto buffer = at::empty({rows, m}, f32);
-    for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
-      auto blk = block_view(buffer, r1 - r0);
-      const auto q_blk = qc.narrow(0, r0, r1 - r0);
-      gemm_nt_into(q_blk, kc, blk);
+    for_each_gemm_block(qc, kc, rows, [&](int64_t r0, int64_t r1, const at::Tensor& q_blk, at::Tensor& blk) {
       backward_block_kernel<<<r1 - r0, kRowThreads, 0, stream>>>(
           blk.data_ptr<float>(), m, s.data_ptr<float>(), g.data_ptr<float>() + r0, l.data_ptr<float>() + r0,
           t.data_ptr<int64_t>() + r0, nullptr, nullptr, 0, scale_terms.data_ptr<float>() + r0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      backprop_block(blk, q_blk, kc, grad_q.narrow(0, r0, r1 - r0), grad_k);
+      backprop_block(blk, q_blk, kc, grad_q.narrow(0, r0, r1 - r0), &grad_k);
     });
   }
   const auto grad_scale = scale_terms.sum(at::kDouble).to(scale.scalar_type()).reshape(scale.sizes());
@@ -154,10 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_
   const auto qc = gemm_operand(q), kc = gemm_operand(k);
   const auto s = device_scalar(scale, q.device());
   const int64_t rows = block_rows(n, n, q);
-  auto buffer = at::empty({rows, n}, f32);
-  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
-    auto blk = block_view(buffer, r1 - r0);
-    gemm_nt_into(qc.narrow(0, r0, r1 - r0), kc, blk);
+  for_each_gemm_block(qc, kc, rows, [&](int64_t r0, int64_t r1, const at::Tensor&, at::Tensor& blk) {
     row_lse_kernel<<<r1 - r0, kRowThreads, 0, stream>>>(blk.data_ptr<float>(), n, s.data_ptr<float>(), nullptr,
                                                          lse_rows.data_ptr<float>() + r0, nullptr,
                                                          diag.data_ptr<float>() + r0, r0);
@@ -185,16 +175,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> symmetric_similarity_cross_entrop
     const auto gr = grad_rows.to(at::kFloat).contiguous(), gc = grad_cols.to(at::kFloat).contiguous();
     const auto lr = lse_rows.to(at::kFloat).contiguous(), lc = lse_cols.to(at::kFloat).contiguous();
     const int64_t rows = block_rows(n, n, q);
-    auto buffer = at::empty({rows, n}, f32);
-    for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
-      auto blk = block_view(buffer, r1 - r0);
-      const auto q_blk = qc.narrow(0, r0, r1 - r0);
-      gemm_nt_into(q_blk, kc, blk);
+    for_each_gemm_block(qc, kc, rows, [&](int64_t r0, int64_t r1, const at::Tensor& q_blk, at::Tensor& blk) {
       backward_block_kernel<<<r1 - r0, kRowThreads, 0, stream>>>(
           blk.data_ptr<float>(), n, s.data_ptr<float>(), gr.data_ptr<float>() + r0, lr.data_ptr<float>() + r0,
           nullptr, gc.data_ptr<float>(), lc.data_ptr<float>(), r0, scale_terms.data_ptr<float>() + r0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      backprop_block(blk, q_blk, kc, grad_q.narrow(0, r0, r1 - r0), grad_k);
+      backprop_block(blk, q_blk, kc, grad_q.narrow(0, r0, r1 - r0), &grad_k);
     });
   }
   const auto grad_scale = scale_terms.sum(at::kDouble).to(scale.scalar_type()).reshape(scale.sizes());

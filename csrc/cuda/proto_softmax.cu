@@ -39,11 +39,6 @@ at::Tensor inverse_temperature_tensor(const at::Tensor& temperature, const at::D
   return at::where(at::isfinite(tau) & (tau > 0), tau.reciprocal(), at::full({}, NAN, tau.options()));
 }
 
-// Rows per block (tiling.h's CUDA budget): the teacher needs a second (rows, k) buffer, so each gets half.
-int64_t rows_for(const Targets& t, int64_t n, int64_t k, const at::Tensor& like) {
-  return block_rows(n, k, t.mode == Mode::kTeacher ? block_budget(like) / 2 : block_budget(like));
-}
-
 // Forward epilogue, one CTA per row i of a block of raw dots x (a = x / tau):
 // lse_i, and loss_i = (sum_j q_ij) lse_i - sum_j q_ij a_ij. For the teacher, qx holds its raw dots.
 // A hard target outside [0, k) gives NaN (and trips the device assert in debug builds).
@@ -146,8 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cuda(
   check_proto_features(op, features, prototypes, temperature);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t n = features.size(0), k = prototypes.size(0);
-  const Targets tg = make_proto_targets(op, features, k, target_index, target_probs, teacher_features,
-                                        teacher_prototypes, teacher_temperature);
+  Targets tg = make_proto_targets(op, features, k, target_index, target_probs, teacher_features,
+                                  teacher_prototypes, teacher_temperature);
   const auto f32 = features.options().dtype(at::kFloat);
   auto loss = at::empty({n}, f32), lse = at::empty({n}, f32);
   auto teacher_lse = at::empty({tg.mode == Mode::kTeacher ? n : 0}, f32);
@@ -155,20 +150,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cuda(
   check_positive_on_host(op, "temperature", temperature);  // a CPU scalar: no sync
   const auto tau = device_scalar(temperature, features.device());
   const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
-  const int64_t rows = rows_for(tg, n, k, features);
-  auto buffer = at::empty({rows, k}, f32);
-  auto tbuffer = tg.mode == Mode::kTeacher ? at::empty({rows, k}, f32) : at::Tensor();
+  const int64_t rows = tg.rows_per_block(n, k, features);
   auto stream = at::cuda::getCurrentCUDAStream();
-  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
+  for_each_gemm_block(ff, pf, rows, [&](int64_t r0, int64_t r1, const at::Tensor&, at::Tensor& blk) {
     const int64_t nr = r1 - r0;
-    auto blk = block_view(buffer, nr);
-    gemm_nt_into(ff.narrow(0, r0, nr), pf, blk);
-    at::Tensor q;
-    if (tg.mode == Mode::kSoft) q = tg.probs.narrow(0, r0, nr).to(at::kFloat).contiguous();
-    if (tg.mode == Mode::kTeacher) {
-      q = block_view(tbuffer, nr);
-      gemm_nt_into(tg.tf.narrow(0, r0, nr), tg.tc, q);
-    }
+    const at::Tensor q = tg.block_q(r0, r1);
     loss_forward_kernel<<<nr, kRowThreads, 0, stream>>>(
         blk.data_ptr<float>(), q.defined() ? q.data_ptr<float>() : nullptr, k, tg.mode, tau.data_ptr<float>(),
         tg.mode == Mode::kTeacher ? tg.tau_t.data_ptr<float>() : nullptr,
@@ -189,8 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cuda(
   check_proto_features(op, features, prototypes, temperature);
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t n = features.size(0), k = prototypes.size(0), d = features.size(1);
-  const Targets tg = make_proto_targets(op, features, k, target_index, target_probs, teacher_features,
-                                        teacher_prototypes, teacher_temperature);
+  Targets tg = make_proto_targets(op, features, k, target_index, target_probs, teacher_features,
+                                  teacher_prototypes, teacher_temperature);
   check_proto_loss_grads(op, n, grad_loss, grad_lse, lse, tg.mode, teacher_lse);
   const auto f32 = features.options().dtype(at::kFloat);
   const bool need_f = output_mask[0], need_p = output_mask[1], need_t = output_mask[2];
@@ -203,21 +189,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cuda(
     const auto gl = grad_loss.to(at::kFloat).contiguous(), ls = lse.to(at::kFloat).contiguous();
     const auto gs = grad_lse ? grad_lse->to(at::kFloat).contiguous() : at::Tensor();
     const auto tls = tg.mode == Mode::kTeacher ? teacher_lse.to(at::kFloat).contiguous() : at::Tensor();
-    const int64_t rows = rows_for(tg, n, k, features);
-    auto buffer = at::empty({rows, k}, f32);
-    auto tbuffer = tg.mode == Mode::kTeacher ? at::empty({rows, k}, f32) : at::Tensor();
+    const int64_t rows = tg.rows_per_block(n, k, features);
     auto stream = at::cuda::getCurrentCUDAStream();
-    for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
+    for_each_gemm_block(ff, pf, rows, [&](int64_t r0, int64_t r1, const at::Tensor& f_blk, at::Tensor& blk) {
       const int64_t nr = r1 - r0;
-      auto blk = block_view(buffer, nr);
-      const auto f_blk = ff.narrow(0, r0, nr);
-      gemm_nt_into(f_blk, pf, blk);
-      at::Tensor q;
-      if (tg.mode == Mode::kSoft) q = tg.probs.narrow(0, r0, nr).to(at::kFloat).contiguous();
-      if (tg.mode == Mode::kTeacher) {
-        q = block_view(tbuffer, nr);
-        gemm_nt_into(tg.tf.narrow(0, r0, nr), tg.tc, q);
-      }
+      const at::Tensor q = tg.block_q(r0, r1);
       loss_backward_kernel<<<nr, kRowThreads, 0, stream>>>(
           blk.data_ptr<float>(), q.defined() ? q.data_ptr<float>() : nullptr, k, tg.mode, tau.data_ptr<float>(),
           tg.mode == Mode::kTeacher ? tg.tau_t.data_ptr<float>() : nullptr,
@@ -225,16 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cuda(
           gs.defined() ? gs.data_ptr<float>() + r0 : nullptr, ls.data_ptr<float>() + r0,
           tls.defined() ? tls.data_ptr<float>() + r0 : nullptr, tau_terms.data_ptr<float>() + r0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (need_p) {
-        backprop_block(blk, f_blk, pf, grad_f.narrow(0, r0, nr), grad_p);
-      } else if (need_f) {
-        auto gf = grad_f.narrow(0, r0, nr);
-        if (pf.scalar_type() == at::kFloat) {
-          at::mm_out(gf, blk, pf);
-        } else {
-          at::mm_out(gf, blk.to(pf.scalar_type()), pf, at::kFloat);
-        }
-      }
+      if (need_f || need_p) backprop_block(blk, f_blk, pf, grad_f.narrow(0, r0, nr), need_p ? &grad_p : nullptr);
     });
   }
   // dL/dtau = -(1/tau^2) sum_ij g_ij x_ij, formed on the device (no sync)
@@ -254,10 +221,7 @@ at::Tensor proto_assign_cuda(const at::Tensor& features, const at::Tensor& proto
   const auto inv_tau = inverse_temperature_tensor(temperature, features.device());
   const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
   const int64_t rows = block_rows(n, k, features);
-  auto buffer = at::empty({rows, k}, features.options().dtype(at::kFloat));
-  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
-    auto blk = block_view(buffer, r1 - r0);
-    gemm_nt_into(ff.narrow(0, r0, r1 - r0), pf, blk);
+  for_each_gemm_block(ff, pf, rows, [&](int64_t r0, int64_t r1, const at::Tensor&, at::Tensor& blk) {
     out.narrow(0, r0, r1 - r0).copy_(at::softmax(blk.mul_(inv_tau), 1));
   });
   return out;
@@ -277,10 +241,7 @@ std::tuple<at::Tensor, at::Tensor> proto_assign_topk_cuda(const at::Tensor& feat
   const auto inv_tau = inverse_temperature_tensor(temperature, features.device());
   const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
   const int64_t rows = block_rows(n, k, features);
-  auto buffer = at::empty({rows, k}, features.options().dtype(at::kFloat));
-  for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
-    auto blk = block_view(buffer, r1 - r0);
-    gemm_nt_into(ff.narrow(0, r0, r1 - r0), pf, blk);
+  for_each_gemm_block(ff, pf, rows, [&](int64_t r0, int64_t r1, const at::Tensor&, at::Tensor& blk) {
     blk.mul_(inv_tau);
     const auto lse = at::logsumexp(blk, {1}, /*keepdim=*/true);
     auto [top, idx] = at::topk(blk, topk, 1, /*largest=*/true, /*sorted=*/true);
@@ -306,11 +267,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cuda(
   if (n > 0) {
     const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
     const int64_t rows = block_rows(n, k, features);
-    auto buffer = at::empty({rows, k}, f32);
-    for_each_row_block(n, rows, [&](int64_t r0, int64_t r1) {
-      const auto f_blk = ff.narrow(0, r0, r1 - r0);
-      auto x = block_view(buffer, r1 - r0);
-      gemm_nt_into(f_blk, pf, x);  // raw dots; a = x / tau
+    // x: blocks of raw dots; a = x / tau
+    for_each_gemm_block(ff, pf, rows, [&](int64_t r0, int64_t r1, const at::Tensor& f_blk, at::Tensor& x) {
       const auto p = at::softmax(x * inv_tau, 1);
       const auto g = grad_probs.narrow(0, r0, r1 - r0).to(at::kFloat);
       // softmax backward: dL/da_ij = p_ij (g_ij - sum_l g_il p_il); dL/dtau = -(1/tau^2) sum_ij dL/da_ij x_ij
@@ -318,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cuda(
       if (output_mask[2]) tau_acc.add_((ga * x).sum());
       if (output_mask[0] || output_mask[1]) {
         ga.mul_(inv_tau);
-        backprop_block(ga, f_blk, pf, grad_f.narrow(0, r0, r1 - r0), grad_p);
+        backprop_block(ga, f_blk, pf, grad_f.narrow(0, r0, r1 - r0), &grad_p);
       }
     });
   }
