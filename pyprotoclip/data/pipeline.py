@@ -217,13 +217,16 @@ def _octal(field: bytes) -> int:
         raise TarDamaged(f"malformed header field {field!r}") from None
 
 
-def iter_tar_members(f) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular files of an uncompressed tar stream, in order.
+def iter_tar_entries(f, *, with_data: bool = True) -> Iterator[tuple[str, int, int, bytes | None]]:
+    """(name, data offset, size, data) of the regular files of an uncompressed tar stream, in order.
 
     A small header parser (ustar, GNU long names, pax ``path``) instead of :mod:`tarfile`, whose per-member cost
-    dominated loading small images. Raises TarDamaged on a truncated stream or a bad header checksum.
+    dominated loading small images. ``with_data=False`` (a seekable file) skips over the members' data and yields
+    None for it: an index of a shard reads its headers only. Raises TarDamaged on a truncated stream or a bad
+    header checksum.
     """
     long_name: str | None = None
+    pos = 0
     while True:
         header = f.read(512)
         if len(header) == 0:
@@ -237,10 +240,17 @@ def iter_tar_members(f) -> Iterator[tuple[str, bytes]]:
             raise TarDamaged("bad header checksum")
         size = _octal(header[124:136])
         kind = header[156:157]
-        data = _read_exact(f, size)
-        pad = (-size) % 512
-        if pad:
-            _read_exact(f, pad)
+        offset = pos + 512
+        padded = size + (-size) % 512
+        regular = kind in (b"0", b"\0", b"7")
+        data = None
+        if with_data or not regular:
+            data = _read_exact(f, size)
+            if padded > size:
+                _read_exact(f, padded - size)
+        else:
+            f.seek(padded, os.SEEK_CUR)
+        pos = offset + padded
         if kind == b"L":  # GNU long name for the next member
             long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
             continue
@@ -259,8 +269,32 @@ def iter_tar_members(f) -> Iterator[tuple[str, bytes]]:
                 prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
                 if prefix:
                     name = prefix + "/" + name
-        if kind in (b"0", b"\0", b"7"):
-            yield name, data
+        if regular:
+            yield name, offset, size, data
+
+
+def iter_tar_members(f) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular files of an uncompressed tar stream, in order (see :func:`iter_tar_entries`)."""
+    for name, _, _, data in iter_tar_entries(f):
+        yield name, data
+
+
+def group_samples(members: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, {ext: payload}) of consecutive members sharing a key, as webdataset groups a tar: a new key, or an
+    extension seen twice, starts the next sample. Members without an extension or named ``__*`` are ignored."""
+    key: str | None = None
+    parts: dict[str, Any] = {}
+    for name, payload in members:
+        k, ext = _split_name(name)
+        if k is None or os.path.basename(k).startswith("__"):
+            continue
+        if key is not None and (k != key or ext in parts):
+            yield key, parts
+            key, parts = None, {}
+        key = k
+        parts[ext] = payload
+    if key is not None:
+        yield key, parts
 
 
 def iter_raw_samples(url: str, stats: Counter, warn: Callable[[str, str, str], None]) -> Iterator[dict[str, Any]]:
@@ -269,29 +303,16 @@ def iter_raw_samples(url: str, stats: Counter, warn: Callable[[str, str, str], N
     A shard that cannot be opened, or that ends inside a member (truncated), counts one "bad_shard"; the samples
     read before the damage are kept.
     """
-    current: dict[str, Any] | None = None
     try:
         with _open_shard(url) as f:
             stats["shards"] += 1
-            for name, data in iter_tar_members(f):
-                key, ext = _split_name(name)
-                if key is None or os.path.basename(key).startswith("__"):
-                    continue
-                if current is not None and (current["__key__"] != key or ext in current):
-                    stats["samples_read"] += 1
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                current[ext] = data
+            # a sample is complete when the next one starts: the half-read one at a point of damage is dropped
+            for key, parts in group_samples(iter_tar_members(f)):
+                stats["samples_read"] += 1
+                yield {"__key__": key, "__url__": url, **parts}
     except Exception as exc:  # noqa: BLE001 - any damage ends this shard, never the run
         stats["bad_shard"] += 1
         warn("bad_shard", url, f"{type(exc).__name__}: {exc}")
-        # the half-read sample at the point of damage is dropped: its last member may be incomplete
-        return
-    if current is not None:
-        stats["samples_read"] += 1
-        yield current
 
 
 def _parse(sample: dict[str, Any]) -> tuple[str | None, tuple[str, bytes] | None, str | None, int]:
@@ -341,6 +362,24 @@ def _check_image_cheaply(img: tuple[str, bytes]) -> None:
     if im.format == "JPEG":
         im.draft("RGB", (1, 1))
     im.load()
+
+
+def preprocess_seeded(preprocess: Callable, image: Image.Image, seed: int, in_worker: bool) -> torch.Tensor:
+    """``preprocess(image)`` with torch's and Python's global RNGs seeded by ``seed`` (random augmentations
+    draw from them): the result depends on the sample, not on the worker or on resuming. In the main process
+    the caller's RNG states are restored afterwards."""
+    if in_worker:
+        torch.manual_seed(seed)
+        random.seed(seed)
+        return preprocess(image)
+    t_state, p_state = torch.get_rng_state(), random.getstate()
+    try:
+        torch.manual_seed(seed)
+        random.seed(seed)
+        return preprocess(image)
+    finally:
+        torch.set_rng_state(t_state)
+        random.setstate(p_state)
 
 
 # ----------------------------------------------------------------------------------------------- the stream
@@ -473,7 +512,7 @@ class WebDatasetStream(IterableDataset):
             n_valid += 1
             try:
                 if decoding:
-                    images.append(self._preprocess_seeded(_decode_image(img), (aug_base + n_valid) % (1 << 62), in_worker))
+                    images.append(preprocess_seeded(self.preprocess, _decode_image(img), (aug_base + n_valid) % (1 << 62), in_worker))
                 else:
                     _check_image_cheaply(img)
             except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
@@ -497,20 +536,6 @@ class WebDatasetStream(IterableDataset):
             stats["samples_yielded"] += len(captions)
             yield self._collate(images, captions, labels, keys, logical, stats)
         return logical
-
-    def _preprocess_seeded(self, image: Image.Image, seed: int, in_worker: bool) -> torch.Tensor:
-        if in_worker:
-            torch.manual_seed(seed)
-            random.seed(seed)
-            return self.preprocess(image)
-        t_state, p_state = torch.get_rng_state(), random.getstate()
-        try:
-            torch.manual_seed(seed)
-            random.seed(seed)
-            return self.preprocess(image)
-        finally:
-            torch.set_rng_state(t_state)
-            random.setstate(p_state)
 
     def _collate(self, images, captions, labels, keys, logical: int, stats: Counter) -> dict[str, Any]:
         text = self.tokenize(captions)
