@@ -2,6 +2,7 @@
 
 from pyprotoclip.losses.base import EpochContext, Method, StepContext
 from pyprotoclip.losses.clip import ClipLoss, ClipMethod
+from pyprotoclip.losses.palm import PALMLoss
 from pyprotoclip.losses.registry import get_method, method_names, register_method
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "ClipMethod",
     "EpochContext",
     "Method",
+    "PALMLoss",
     "StepContext",
     "get_method",
     "method_names",
