@@ -115,7 +115,8 @@ class KMeans:
       (K, d) tensor of initial centroids.
     * Each of ``n_redo`` runs uses seed + redo; the run with the lowest final inertia is kept.
     * Iterations use at most ``max_points_per_centroid * K`` points (a seeded random subset), stop
-      early when the objective improves by less than ``tol`` (relative), and re-seed empty clusters
+      early when the objective improves by less than ``tol`` (relative; ``tol=None``: exactly ``n_iter``
+      iterations, as faiss runs), and re-seed empty clusters
       by splitting the largest one. A final pass then labels every point.
     * backend: "auto"/"compiled"/"reference" run the iterations with ``pyprotoclip.ops.kmeans_update``
       on that op backend; "faiss" uses faiss (faiss-gpu when installed and x is on CUDA), single-rank.
@@ -139,7 +140,7 @@ class KMeans:
         n_redo: int = 1,
         seed: int = 0,
         max_points_per_centroid: int = 256,
-        tol: float = 1e-4,
+        tol: float | None = 1e-4,
         backend: str = "auto",
         group: dist.ProcessGroup | None = None,
         verbose: bool = False,
@@ -159,8 +160,8 @@ class KMeans:
             raise ValueError(f"n_redo: expected an int >= 1, got {n_redo!r}")
         if not isinstance(max_points_per_centroid, int) or max_points_per_centroid < 1:
             raise ValueError(f"max_points_per_centroid: expected an int >= 1, got {max_points_per_centroid!r}")
-        if not (isinstance(tol, (int, float)) and tol >= 0):
-            raise ValueError(f"tol: expected a float >= 0, got {tol!r}")
+        if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
+            raise ValueError(f"tol: expected a float >= 0 or None, got {tol!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self.n_clusters = n_clusters
@@ -170,7 +171,7 @@ class KMeans:
         self.n_redo = n_redo
         self.seed = int(seed)
         self.max_points_per_centroid = max_points_per_centroid
-        self.tol = float(tol)
+        self.tol = None if tol is None else float(tol)
         self.backend = backend
         self.group = group
         self.verbose = verbose
@@ -292,7 +293,7 @@ class KMeans:
             times.append(time.perf_counter() - t0)
             n_iter = it + 1
             self._log(f"iter {it:3d}  objective {history[-1]:.6g}  time {times[-1]:.3f}s" + (f"  split {nsplit}" if nsplit else ""))
-            if it > 0 and history[-2] - history[-1] <= self.tol * abs(history[-2]):
+            if self.tol is not None and it > 0 and history[-2] - history[-1] <= self.tol * abs(history[-2]):
                 break
 
         # Final full pass: labels of every local point, objective over all points of all ranks.
