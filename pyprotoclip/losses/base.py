@@ -46,7 +46,8 @@ class StepContext:
 class EpochContext:
     """What the before-epoch hook may use: the model, where it runs, and how to read data.
 
-    make_loader(epoch, start_batch=0) builds the epoch's training loader the way the trainer does.
+    write_result(row) appends a row to the run's results.jsonl (rank 0 writes; every rank may call it).
+    preprocess, tokenize: the training loader's transforms (after ``Method.train_transforms``).
     """
 
     epoch: int
@@ -56,9 +57,25 @@ class EpochContext:
     autocast: Callable[[], Any]
     rank: int
     world_size: int
-    make_loader: Callable[..., Any]
     log: logging.Logger
+    write_result: Callable[[Mapping[str, Any]], None]
+    preprocess: Callable
+    tokenize: Callable
     group: dist.ProcessGroup | None = None
+
+
+@dataclasses.dataclass
+class LoaderRequest:
+    """What the trainer asks of ``Method.train_loader``: the training loader of ``epoch`` for one rank,
+    from micro-batch ``start_batch`` on. ``default()`` builds the trainer's own (the shards streamed)."""
+
+    epoch: int
+    start_batch: int
+    rank: int
+    world_size: int
+    preprocess: Callable
+    tokenize: Callable
+    default: Callable[[], Any]
 
 
 class Method:
@@ -105,9 +122,17 @@ class Method:
             {"name": "decay", "params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay},
         ]
 
-    def group_lr(self, group: Mapping[str, Any], lr: float, epoch: int) -> float:
-        """The learning rate of one parameter group, given the schedule's ``lr`` for this step."""
-        return lr
+    def train_loader(self, request: LoaderRequest) -> Any:
+        """The loader of one training epoch (it must give ``num_batches`` micro-batches per rank)."""
+        return request.default()
+
+    def group_lr(self, group: Mapping[str, Any], step: int, epoch: int, schedule: Callable[..., float]) -> float:
+        """The learning rate of one parameter group at optimizer step ``step``.
+
+        ``schedule(step, *, base_lr=None, start_step=0, total_steps=None)`` is the run's schedule (warm-up,
+        then --lr-scheduler), optionally with another peak rate, started later or ending sooner.
+        """
+        return schedule(step)
 
     def before_epoch(self, ctx: EpochContext) -> None:
         """Called on every rank before an epoch's first step (also when resuming inside it)."""

@@ -17,7 +17,7 @@ def _option(flag: P.Flag):
         return click.option(f"--{flag.name}", flag.key, type=click.Choice(flag.type), default=flag.default, **kwargs)
     if flag.name in ("config", "pretrained"):
         return click.option(f"--{flag.name}", flag.key, type=click.Path(exists=True, dir_okay=False), default=None, **kwargs)
-    names = [f"--{flag.name}"]
+    names = [f"--{flag.name}", *(f"--{a}" for a in flag.aliases)]
     if flag.name == "logs":
         # torchrun's own argument parser takes `--logs` for an abbreviation of its `--logs-specs`
         # and stops; `--logs-dir` passes through it untouched.

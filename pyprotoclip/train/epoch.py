@@ -87,19 +87,20 @@ class _EpochLog:
 
 
 def _set_lr(run: TrainRun, epoch: int) -> float:
-    lr = run.lr(run.step)
+    """Set every parameter group's rate for this step; returns the schedule's (the base) rate."""
     for group in run.optimizer.param_groups:
-        group["lr"] = run.method.group_lr(group, lr, epoch)
-    return lr
+        group["lr"] = run.method.group_lr(group, run.step, epoch, run.schedule)
+    return run.schedule(run.step)
 
 
 def train_one_epoch(run: TrainRun, epoch: int, speed: Speed) -> bool:
     """Train ``epoch`` from step ``run.step`` on; returns True when the stop policy ended the run inside it."""
     p, accum, spe = run.p, run.p["accum_freq"], run.steps_per_epoch
     first = run.step - epoch * spe
+    preprocess, tokenize = run.method.train_transforms(run.preprocess_train, run.tokenizer)
     run.method.before_epoch(EpochContext(
         epoch=epoch, step=run.step, model=run.net, device=run.device, autocast=run.autocast, rank=run.rank,
-        world_size=run.world, make_loader=run.make_loader, log=log,
+        world_size=run.world, log=log, write_result=run.results.write, preprocess=preprocess, tokenize=tokenize,
     ))
     loader = run.make_loader(epoch, first * accum)
     run.model.train()

@@ -24,6 +24,7 @@ class Flag:
     default: Any
     help: str
     hidden: bool = False
+    aliases: tuple[str, ...] = ()  # other spellings on the command line (and in --config files)
 
     @property
     def key(self) -> str:
@@ -61,6 +62,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("pretrained", str, None, "Local checkpoint file to start from (loaded with weights_only=True)."),
     Flag("method", method_names(), "clip", "Training objective: " + "; ".join(
         f"{n} ({get_method(n).summary})" for n in method_names()) + "."),
+    # CyCLIP (--method cyclip; the cyclic terms also combine with other methods that take them)
+    Flag("cylambda1", float, None, "Weight of CyCLIP's in-modal cyclic term, 1/N sum_jk (<I_j,I_k> - <T_j,T_k>)^2 "
+         "(default 0.25 with --method cyclip, 0 = off with the other methods that accept it)."),
+    Flag("cylambda2", float, None, "Weight of CyCLIP's cross-modal cyclic term, 1/N sum_jk (<I_j,T_k> - <I_k,T_j>)^2 "
+         "(default 0.25 with --method cyclip, 0 = off with the other methods that accept it)."),
+    Flag("inmodal", bool, False, "CyCLIP: also contrast each image and caption with an augmented view of itself "
+         "(AutoAugment; EDA swap/delete/insert without WordNet)."),
     # logging and checkpoints
     Flag("logs", str, "./logs/", "Where to write <logs>/<name>/ (alias --logs-dir: use it under torchrun)."),
     Flag("name", str, None, "Experiment name (default: date, model, lr, batch size, precision)."),
@@ -75,9 +83,40 @@ FLAGS: tuple[Flag, ...] = (
     Flag("zeroshot-frequency", int, 2, "Zero-shot evaluation on --val-data every N epochs (0: never)."),
     Flag("device", ("auto", "cpu", "cuda"), "auto", "auto: cuda:<local rank> when CUDA is available, else CPU."),
     Flag("dist-backend", str, None, "torch.distributed backend (default: nccl on GPU, gloo on CPU)."),
+    # ProtoCLIP (--method protoclip): episodes, prototypes, Prototypical Back Translation, external teacher
+    Flag("episode-size", int, 0, "ProtoCLIP: samples per episode, drawn uniformly with replacement over the whole "
+         "dataset (0: the epoch's sample count, --train-num-samples or sizes.json)."),
+    Flag("clustering-frequency", int, 1, "ProtoCLIP: an episode (one draw, one clustering) lasts this many epoch(s)."),
+    Flag("num-prototypes", int, 20000, "ProtoCLIP: k-means clusters K per modality.", aliases=("k",)),
+    Flag("kmeans-max-iter", int, 20, "ProtoCLIP: k-means iterations (exactly this many: no early stop)."),
+    Flag("kmeans-nredo", int, 1, "ProtoCLIP: k-means restarts; the lowest objective is kept (the paper's runs: 3)."),
+    Flag("PBT", bool, False, "ProtoCLIP: Prototypical Back Translation (prototypes = means of the other modality's "
+         "features over each cluster)."),
+    Flag("target-temperature", float, 0.01, "ProtoCLIP: temperature of the soft targets softmax(<C_y, C_k>/T) "
+         "(the paper's recipe value; <= 0: hard labels, the official code's default)."),
+    Flag("w-clip", float, 1.0, "ProtoCLIP: weight of the CLIP loss."),
+    Flag("w-proto", float, 1.0, "ProtoCLIP: weight of the prototype loss 1/2 (L_i<-t + L_t<-i) (the paper's value)."),
+    Flag("w-proto-external", float, 1.0, "ProtoCLIP: weight of the external-teacher loss 1/2 (L_i<-e + L_t<-e), "
+         "with --external-teacher (the paper's value)."),
+    Flag("external-teacher", str, None, "ProtoCLIP: 'default' (all-MiniLM-L6-v2, offline), a sentence-transformers "
+         "model directory, or a feature file (.pt: {'keys': [...], 'features': (N, D)} by sample key)."),
+    Flag("external-teacher-dim", int, 64, "ProtoCLIP: PCA of the teacher's features to this many dimensions "
+         "(0: keep them)."),
+    Flag("add-projection-head", bool, False, "ProtoCLIP: MLP heads into the prototype space (else prototypes live "
+         "in the towers' normalised embedding space)."),
+    Flag("projection-dim", int, 128, "ProtoCLIP: output width of the projection heads."),
+    Flag("projection-hidden-dim", int, 2048, "ProtoCLIP: hidden width of the projection heads."),
+    Flag("projection-n-layers", int, 1, "ProtoCLIP: hidden layers of the heads (0: one Linear)."),
+    Flag("infonce-warmup-epoch", int, 0, "ProtoCLIP: the first N epochs train with the CLIP loss only (the paper: 1)."),
+    Flag("lit-start-epoch", int, -1, "ProtoCLIP: from epoch L-1 on (L > 0), locked-image tuning: the image "
+         "tower's learning rate has annealed to 0 and the loss is CLIP's only (-1: off)."),
+    Flag("lr-text", float, -1.0, "ProtoCLIP: peak learning rate of everything but the image tower (-1: --lr)."),
+    Flag("text-start-epoch", int, 0, "ProtoCLIP: everything but the image tower has learning rate 0 for the first "
+         "N epochs, then its own warm-up."),
     Flag("stop-after-steps", int, None, "Exit after this global step with a checkpoint, as if preempted (testing).", hidden=True),
 )
 FLAG_BY_KEY = {f.key: f for f in FLAGS}
+FLAG_BY_NAME = {name.replace("-", "_"): f for f in FLAGS for name in (f.name, *f.aliases)}
 
 
 def defaults() -> dict[str, Any]:
@@ -100,10 +139,10 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise ValueError(f"config: {path!r} must hold a mapping of flag names to values, got {type(raw).__name__}")
     out: dict[str, Any] = {}
     for name, value in raw.items():
-        key = str(name).lstrip("-").replace("-", "_")
-        if key not in FLAG_BY_KEY or key == "config":
+        flag = FLAG_BY_NAME.get(str(name).lstrip("-").replace("-", "_"))
+        if flag is None or flag.key == "config":
             raise ValueError(f"config: unknown key {name!r} in {path!r} (keys are the `pyprotoclip train` flags)")
-        out[key] = coerce(FLAG_BY_KEY[key], value)
+        out[flag.key] = coerce(flag, value)
     return out
 
 

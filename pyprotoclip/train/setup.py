@@ -14,7 +14,7 @@ import torch
 
 from pyprotoclip import checkpoint as ckpt
 from pyprotoclip import distributed as pdist
-from pyprotoclip.losses import Method, get_method
+from pyprotoclip.losses import LoaderRequest, Method, get_method
 from pyprotoclip.train import params as P
 from pyprotoclip.train.reporting import Results, log, setup_logging
 from pyprotoclip.train.scheduler import lr_at
@@ -64,31 +64,45 @@ class TrainRun:
     def global_batch(self) -> int:
         return self.p["batch_size"] * self.p["accum_freq"] * self.world
 
-    def lr(self, step: int) -> float:
+    def schedule(self, step: int, *, base_lr: float | None = None, start_step: int = 0, total_steps: int | None = None) -> float:
+        """The learning rate at optimizer ``step``: warm-up then --lr-scheduler from ``start_step`` to
+        ``total_steps`` (default: the whole run), peaking at ``base_lr`` (default --lr); 0 before the start."""
         p = self.p
+        if step < start_step:
+            return 0.0
+        total = self.total_steps if total_steps is None else total_steps
         return lr_at(
-            step, base_lr=p["lr"], warmup=p["warmup"], total_steps=self.total_steps, kind=p["lr_scheduler"],
+            step - start_step, base_lr=p["lr"] if base_lr is None else base_lr, warmup=p["warmup"],
+            total_steps=total - start_step, kind=p["lr_scheduler"],
             cooldown_steps=(p["epochs_cooldown"] or 0) * self.steps_per_epoch, cooldown_end_lr=p["lr_cooldown_end"],
             cooldown_power=p["lr_cooldown_power"],
         )
 
     def make_loader(self, epoch: int, start_batch: int = 0):
-        """The training loader of ``epoch`` for this rank, from micro-batch ``start_batch`` on."""
+        """The training loader of ``epoch`` for this rank, from micro-batch ``start_batch`` on (the method's,
+        or the shards streamed)."""
         if epoch == 0 and start_batch == 0 and self.first_loader is not None:
             loader, self.first_loader = self.first_loader, None
             return loader
-        from pyprotoclip.data import DataConfig
-
-        p = self.p
-        cfg = DataConfig(
-            shards=p["train_data"], batch_size=p["batch_size"], workers=p["workers"], num_samples=p["train_num_samples"],
-            resampled=p["dataset_resampled"], seed=p["seed"], drop_last=True,
-        )
         preprocess, tokenize = self.method.train_transforms(self.preprocess_train, self.tokenizer)
-        return self.data.build_loader(
-            cfg, preprocess=preprocess, tokenize=tokenize, is_train=True, epoch=epoch, rank=self.rank,
-            world_size=self.world, start_batch=start_batch,
-        )
+
+        def stream():
+            from pyprotoclip.data import DataConfig
+
+            p = self.p
+            cfg = DataConfig(
+                shards=p["train_data"], batch_size=p["batch_size"], workers=p["workers"],
+                num_samples=p["train_num_samples"], resampled=p["dataset_resampled"], seed=p["seed"], drop_last=True,
+            )
+            return self.data.build_loader(
+                cfg, preprocess=preprocess, tokenize=tokenize, is_train=True, epoch=epoch, rank=self.rank,
+                world_size=self.world, start_batch=start_batch,
+            )
+
+        return self.method.train_loader(LoaderRequest(
+            epoch=epoch, start_batch=start_batch, rank=self.rank, world_size=self.world, preprocess=preprocess,
+            tokenize=tokenize, default=stream,
+        ))
 
 
 def _default_name(p: dict[str, Any]) -> str:
