@@ -130,3 +130,20 @@ def test_linear_probe_errors():
         linear_probe(torch.randn(10, 3), torch.zeros(10, dtype=torch.long))
     with pytest.raises(ValueError, match="test_fraction"):
         linear_probe(torch.randn(10, 3), torch.arange(10) % 2, test_fraction=1.0)
+
+
+def test_clustering_scores_find_separated_classes_and_the_gap_is_a_distance():
+    import torch
+
+    from pyprotoclip.eval.clustering import clustering_scores, modality_gap
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(4) * 5
+    labels = torch.arange(4).repeat_interleave(25)
+    x = centres[labels] + 0.1 * torch.randn(100, 4, generator=g)
+    s = clustering_scores(x, labels)
+    assert s["clustering_ari"] == pytest.approx(1.0) and s["clustering_ami"] == pytest.approx(1.0) and s["clustering_k"] == 4
+    shuffled = clustering_scores(x, labels[torch.randperm(100, generator=g)])
+    assert abs(shuffled["clustering_ari"]) < 0.1
+    # two modalities pointing along e0 and e1: the gap is |e0 - e1| = sqrt(2)
+    assert modality_gap(torch.tensor([[2.0, 0.0]] * 3), torch.tensor([[0.0, 3.0]] * 3)) == pytest.approx(2 ** 0.5)
