@@ -1,5 +1,7 @@
-"""similarity_cross_entropy and infonce_loss: kernels vs the float64 reference, hand values, open_clip,
-multi-rank semantics, opcheck, torch.compile and errors."""
+"""similarity_cross_entropy and infonce_loss. The shared OpTester (tests/ops/op_tester.py) checks values and
+gradients against float64 over backend x device x dtype x shapes, gradcheck, opcheck, torch.compile, autocast
+and CUDA graphs; this file adds hand-computed values, open_clip equality, non-contiguous and mixed-dtype
+inputs and errors (multi-rank: test_infonce_distributed.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 import pyprotoclip
+from pyprotoclip import _library
 from pyprotoclip.ops import infonce_loss, reference, similarity_cross_entropy
-from tests.conftest import DEVICES
-from tests.utils import assert_close_verbose, low_precision_error_ok
+from tests.ops.op_tester import Case, OpTester, scalar
+from tests.utils import assert_close_verbose
 
-COMPILED = pyprotoclip.build_info()["compiled"]
+COMPILED = "cpu" in _library.compiled_devices()
 needs_compiled = pytest.mark.skipif(not COMPILED, reason="pyprotoclip._C is not built")
 BACKENDS = ["compiled", "reference"]
 
@@ -38,45 +41,83 @@ def _skip_unavailable(backend: str) -> None:
         pytest.skip("pyprotoclip._C is not built")
 
 
-# ---- similarity_cross_entropy vs the float64 reference -----------------------------------------------
+# ---- the shared op tester: values and every gradient vs float64, gradcheck, opcheck, compile, autocast ----
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n,m,d", [(1, 1, 8), (7, 123, 64), (257, 507, 96), (300, 40, 33)])
-def test_similarity_matches_reference_fp32(backend, device, n, m, d):
-    _skip_unavailable(backend)
-    q, k = _features(n, d, device), _features(m, d, device)
-    k[: min(n, m) // 2] = q[: min(n, m) // 2]  # confident rows: some targets are the query itself
-    targets = torch.randint(0, m, (n,), device=device)
-    targets[: min(n, m) // 2] = torch.arange(min(n, m) // 2, device=device)
-    scale = torch.tensor(1 / 0.07, device=device)
-    fn = lambda q_, k_, s_: similarity_cross_entropy(q_, k_, targets, s_, backend=backend)  # noqa: E731
-    loss, (gq, gk, gs) = _grads(fn, q, k, scale)
-    oracle = lambda q_, k_, s_: reference.similarity_cross_entropy(q_, k_, targets, s_)[0]  # noqa: E731
-    loss64, (gq64, gk64, gs64) = _grads(oracle, q.double(), k.double(), scale.double())
-    assert loss.dtype == torch.float32 and loss.shape == (n,)
-    assert_close_verbose(loss, loss64, atol=1e-5, name="loss")
-    assert_close_verbose(gq, gq64, atol=1e-5, name="grad q")
-    assert_close_verbose(gk, gk64, atol=1e-5, name="grad k")
-    assert_close_verbose(gs, gs64, atol=1e-5, rtol=1e-5, name="grad scale")
+class TestSimilarityCrossEntropy(OpTester):
+    output_names = ("loss",)
+    arg_names = ("q", "k", "scale")
+    # one row, m = 1, sizes that divide no tile, n > m
+    shapes = [(1, 1, 8), (7, 123, 64), (257, 507, 96), (300, 40, 33)]
+    small_shape = (9, 13, 16)
+    gradcheck_shape = (3, 4, 5)
+    slacks = {"grad scale": 2e-2}
+
+    def make_case(self, shape, device, dtype):
+        n, m, d = shape
+        q, k = _features(n, d, device, dtype), _features(m, d, device, dtype)
+        confident = min(n, m) // 2  # some targets are the query itself: large margins
+        k[:confident] = q[:confident]
+        targets = torch.randint(0, m, (n,), device=device)
+        targets[:confident] = torch.arange(confident, device=device)
+        return Case([q, k, scalar(1 / 0.07, device, dtype)], {"targets": targets})
+
+    def fn(self, q, k, scale, *, backend, targets):
+        return similarity_cross_entropy(q, k, targets, scale, backend=backend)
+
+    def expected_fn(self, q, k, scale, *, targets):
+        return reference.similarity_cross_entropy(q, k, targets, scale)[0]
+
+    def opcheck_cases(self, device):
+        case = self.make_case(self.small_shape, device, torch.float32)
+        q, k, scale = (a.requires_grad_() for a in case.args)
+        targets = case.kwargs["targets"]
+        ops = torch.ops.pyprotoclip
+        _, lse = ops.similarity_cross_entropy(q, k, targets, scale)
+        grad_loss = torch.rand(q.shape[0], device=device)
+        return [
+            (ops.similarity_cross_entropy.default, (q, k, targets, scale)),
+            (ops._similarity_cross_entropy_backward.default,
+             (grad_loss, q.detach(), k.detach(), targets, scale.detach(), lse.detach())),
+        ]
 
 
-@needs_compiled
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,m,d", [(7, 123, 64), (257, 507, 96)])
-def test_similarity_low_precision_error_no_worse_than_reference(device, dtype, n, m, d):
-    q, k = _features(n, d, device, dtype), _features(m, d, device, dtype)
-    targets = torch.randint(0, m, (n,), device=device)
-    scale = torch.tensor(1 / 0.07, device=device)
-    kern = _grads(lambda a, b, s: similarity_cross_entropy(a, b, targets, s, backend="compiled"), q, k, scale)
-    ref = _grads(lambda a, b, s: reference.similarity_cross_entropy(a, b, targets, s)[0], q, k, scale)
-    oracle = _grads(lambda a, b, s: reference.similarity_cross_entropy(a, b, targets, s)[0], q.double(), k.double(), scale.double())
-    low_precision_error_ok(kern[0], ref[0], oracle[0], slack=2e-3, name="loss")
-    for name, a, b, c in zip(["q", "k", "scale"], kern[1], ref[1], oracle[1]):
-        assert a.dtype == b.dtype
-        low_precision_error_ok(a, b, c, slack=2e-3 if name != "scale" else 2e-2, name=f"grad {name}")
+class TestInfonceLoss(OpTester):
+    """The single-process path of infonce_loss: the symmetric op, both directions from one pass."""
+
+    output_names = ("loss",)
+    arg_names = ("image_features", "text_features", "logit_scale")
+    shapes = [(1, 8), (7, 64), (300, 96), (517, 33)]
+    small_shape = (33, 16)
+    gradcheck_shape = (4, 5)
+    slacks = {"loss": 1e-3, "grad image_features": 1e-3, "grad text_features": 1e-3, "grad logit_scale": 1e-2}
+
+    def make_case(self, shape, device, dtype):
+        b, d = shape
+        image, text = _features(b, d, "cpu", torch.float64), _features(b, d, "cpu", torch.float64)
+        text[: b // 3] = F.normalize(image[: b // 3] + 0.1 * text[: b // 3], dim=1)  # near-duplicate pairs
+        return Case([image.to(device, dtype), text.to(device, dtype), scalar(1 / 0.07, device, dtype)], {})
+
+    def fn(self, image, text, scale, *, backend):
+        return infonce_loss(image, text, scale, backend=backend)
+
+    def expected_fn(self, image, text, scale):
+        return reference.infonce_loss(image, text, scale)
+
+    def opcheck_cases(self, device):
+        q, k, scale = (a.requires_grad_() for a in self.make_case(self.small_shape, device, torch.float32).args)
+        ops = torch.ops.pyprotoclip
+        _, _, lse_rows, lse_cols = ops.symmetric_similarity_cross_entropy(q, k, scale)
+        n = q.shape[0]
+        grads = (torch.rand(n, device=device), torch.rand(n, device=device))
+        return [
+            (ops.symmetric_similarity_cross_entropy.default, (q, k, scale)),
+            (ops._symmetric_similarity_cross_entropy_backward.default,
+             (*grads, q.detach(), k.detach(), scale.detach(), lse_rows.detach(), lse_cols.detach())),
+        ]
+
+
+# ---- cases the tester does not cover ----------------------------------------------------------------
 
 
 @needs_compiled
@@ -90,57 +131,6 @@ def test_similarity_non_contiguous_inputs():
     want = reference.similarity_cross_entropy(q.double(), k_t.double(), targets, scale.double())[0]
     assert not q.is_contiguous() and not k_t.is_contiguous()
     assert_close_verbose(got, want, atol=1e-5, name="loss")
-
-
-@needs_compiled
-def test_similarity_gradcheck_compiled():
-    # finite differences of the compiled fp32 forward against the compiled backward
-    q, k = _features(3, 5, "cpu"), _features(4, 5, "cpu")
-    targets = torch.tensor([2, 0, 3])
-    q.requires_grad_(), k.requires_grad_()
-    scale = torch.tensor(2.0, requires_grad=True)
-    fn = lambda a, b, s: similarity_cross_entropy(a, b, targets, s, backend="compiled")  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (q, k, scale), eps=1e-2, atol=5e-3, rtol=1e-2)
-
-
-def test_reference_gradcheck_float64():
-    q = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    s = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
-    targets = torch.tensor([2, 0, 3])
-    assert torch.autograd.gradcheck(lambda a, b, c: reference.similarity_cross_entropy(a, b, targets, c)[0], (q, k, s))
-
-
-# ---- infonce_loss ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("b,d", [(1, 8), (7, 64), (300, 96), (517, 33)])
-def test_infonce_matches_reference_fp32(backend, device, b, d):
-    _skip_unavailable(backend)
-    image, text = _features(b, d, device), _features(b, d, device)
-    text[: b // 3] = F.normalize(image[: b // 3] + 0.1 * text[: b // 3], dim=1)
-    scale = torch.tensor(1 / 0.07, device=device)
-    loss, grads = _grads(lambda i, t, s: infonce_loss(i, t, s, backend=backend), image, text, scale)
-    loss64, grads64 = _grads(reference.infonce_loss, image.double(), text.double(), scale.double())
-    assert loss.shape == () and loss.dtype == torch.float32
-    assert_close_verbose(loss, loss64, atol=1e-5, name="loss")
-    for name, g, g64 in zip(["image", "text", "scale"], grads, grads64):
-        assert_close_verbose(g, g64, atol=1e-5, rtol=1e-5, name=f"grad {name}")
-
-
-@needs_compiled
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_infonce_low_precision(dtype):
-    image, text = _features(300, 64, "cpu", dtype), _features(300, 64, "cpu", dtype)
-    scale = torch.tensor(1 / 0.07)
-    kern = _grads(lambda i, t, s: infonce_loss(i, t, s, backend="compiled"), image, text, scale)
-    ref = _grads(lambda i, t, s: infonce_loss(i, t, s, backend="reference"), image, text, scale)
-    oracle = _grads(reference.infonce_loss, image.double(), text.double(), scale.double())
-    low_precision_error_ok(kern[0], ref[0], oracle[0], slack=1e-3, name="loss")
-    for name, a, b, c in zip(["image", "text", "scale"], kern[1], ref[1], oracle[1]):
-        low_precision_error_ok(a, b, c, slack=1e-3 if name != "scale" else 1e-2, name=f"grad {name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -200,47 +190,7 @@ def test_infonce_float64_auto_is_exact():
     assert_close_verbose(infonce_loss(image, text, s), reference.infonce_loss(image, text, s), atol=1e-12, name="loss")
 
 
-# ---- registration, compile -----------------------------------------------------------------------
-
-
-@needs_compiled
-def test_opcheck_all_ops():
-    q, k = _features(9, 16, "cpu"), _features(13, 16, "cpu")
-    targets = torch.randint(0, 13, (9,))
-    scale = torch.tensor(4.0, requires_grad=True)
-    ops = torch.ops.pyprotoclip
-    torch.library.opcheck(ops.similarity_cross_entropy.default, (q.requires_grad_(), k.requires_grad_(), targets, scale))
-    loss, lse = ops.similarity_cross_entropy(q, k, targets, scale)
-    torch.library.opcheck(ops._similarity_cross_entropy_backward.default, (torch.rand(9), q.detach(), k.detach(), targets, scale.detach(), lse.detach()))
-    k2 = _features(9, 16, "cpu").requires_grad_()
-    torch.library.opcheck(ops.symmetric_similarity_cross_entropy.default, (q, k2, scale))
-    _, _, lr, lc = ops.symmetric_similarity_cross_entropy(q, k2, scale)
-    torch.library.opcheck(
-        ops._symmetric_similarity_cross_entropy_backward.default,
-        (torch.rand(9), torch.rand(9), q.detach(), k2.detach(), scale.detach(), lr.detach(), lc.detach()),
-    )
-
-
-@needs_compiled
-def test_torch_compile_fullgraph():
-    image, text = _features(33, 16, "cpu"), _features(33, 16, "cpu")
-    log_scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
-
-    def step(i, t, ls):
-        return infonce_loss(i, t, ls.exp(), backend="compiled")
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    i1, t1 = image.clone().requires_grad_(), text.clone().requires_grad_()
-    got = compiled(i1, t1, log_scale)
-    got.backward()
-    g_scale = log_scale.grad.clone()
-    log_scale.grad = None
-    i2, t2 = image.clone().requires_grad_(), text.clone().requires_grad_()
-    want = step(i2, t2, log_scale)
-    want.backward()
-    assert_close_verbose(got, want, atol=1e-6, name="loss")
-    assert_close_verbose(i1.grad, i2.grad, atol=1e-6, name="grad image")
-    assert_close_verbose(g_scale, log_scale.grad, atol=1e-6, name="grad scale")
+# ---- registration ------------------------------------------------------------------------------------
 
 
 def test_torch_ops_usable_after_import():

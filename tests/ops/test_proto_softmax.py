@@ -1,6 +1,8 @@
-"""proto_assign and proto_cross_entropy: kernels vs the float64 reference (loss and every gradient) in the
-hard / soft / teacher target modes, hand-computed 2x3 values, low precision, opcheck, gradcheck,
-torch.compile and errors."""
+"""proto_assign and proto_cross_entropy. The shared OpTester (tests/ops/op_tester.py) checks the loss in the
+hard / soft / teacher target modes, the probabilities and their top-k: values and every gradient against
+float64 over backend x device x dtype x shapes, gradcheck, opcheck, torch.compile, autocast and CUDA graphs.
+This file adds multi-block shapes, reductions, the lse output's gradient, non-contiguous inputs,
+hand-computed 2x3 values and errors."""
 
 from __future__ import annotations
 
@@ -10,19 +12,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pyprotoclip
+from pyprotoclip import _library
 from pyprotoclip.ops import reference
 from pyprotoclip.ops import proto_assign, proto_cross_entropy
-from tests.utils import assert_close_verbose, low_precision_error_ok
+from tests.ops.op_tester import CUDA, Case, OpTester, scalar, skip_unavailable, to64
+from tests.utils import assert_close_verbose
 
-COMPILED = pyprotoclip.build_info()["compiled"]
+COMPILED = "cpu" in _library.compiled_devices()
 needs_compiled = pytest.mark.skipif(not COMPILED, reason="pyprotoclip._C is not built")
 BACKENDS = ["compiled", "reference"]
 MODES = ["hard", "soft", "teacher"]
-# (B, K, d): one row, K = 1, sizes that divide nothing, K < B, and K large enough that B spans several
-# row blocks of the kernels (block_rows(136, 65536) = 128; 64 with the teacher's second buffer).
+# (B, K, d): one row, K = 1, sizes that divide nothing, K < B
 SHAPES = [(1, 1, 8), (1, 17, 4), (7, 123, 64), (257, 507, 96), (300, 40, 33)]
-MULTI_BLOCK = (136, 65536, 4)
+# K large enough that B spans several row blocks of the kernels: on CPU block_rows(136, 65536) = 128 (64 with
+# the teacher's second buffer), on CUDA (budget 64M values) 1024 (512).
+MULTI_BLOCK = {"cpu": (136, 65536, 4), "cuda": (1100, 65536, 4)}
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 TAU, TAU_T = 0.1, 0.05
 
 
@@ -73,26 +78,166 @@ def _oracle(f, p, kw, **extra):
 NAMES = ["loss", "grad features", "grad prototypes", "grad temperature"]
 
 
-# ---- proto_cross_entropy vs the float64 reference ---------------------------------------------------
+def _op_args(kw, device="cpu"):
+    """target_index, target_probs, teacher_features, teacher_prototypes, teacher_temperature for the op."""
+    target = kw.get("target")
+    index = target if target is not None and target.dtype == torch.int64 else None
+    probs = target if target is not None and target.is_floating_point() else None
+    tt = kw.get("teacher_temperature")
+    return [index, probs, kw.get("teacher_features"), kw.get("teacher_prototypes"),
+            None if tt is None else torch.tensor(float(tt), device=device)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def _smooth(case: Case) -> Case:
+    """The case with tau = 0.5: at tau = 0.1 the compiled kernels' finite-difference step (1e-2, they compute in
+    fp32) is too coarse for gradcheck."""
+    f, p, tau = case.args
+    return Case([f, p, torch.full_like(tau, 0.5)], case.kwargs)
+
+
+# ---- the shared op tester --------------------------------------------------------------------------
+
+
+class ProtoCrossEntropyTester(OpTester):
+    """proto_cross_entropy(reduction="none") against one target mode; the tester weights the rows."""
+
+    mode = "hard"
+    output_names = ("loss",)
+    arg_names = ("features", "prototypes", "temperature")
+    shapes = SHAPES
+    small_shape = (9, 13, 8)
+    gradcheck_shape = (3, 5, 4)
+    slack, cuda_slack, cuda_fp32_tol = 1e-3, 2e-3, 2e-5  # as the CUDA tests before the tester
+
+    def make_case(self, shape, device, dtype):
+        f, p, kw = _problem(*shape, self.mode, device=device, dtype=dtype)
+        return Case([f, p, scalar(TAU, device, dtype)], kw)
+
+    def gradcheck_case(self):
+        return _smooth(super().gradcheck_case())
+
+    def fn(self, f, p, tau, *, backend, **kw):
+        return proto_cross_entropy(f, p, tau, backend=backend, reduction="none", **kw)
+
+    def expected_fn(self, f, p, tau, **kw):
+        return proto_cross_entropy(f, p, tau, backend="reference", reduction="none", **kw)
+
+    def opcheck_cases(self, device):
+        case = self.make_case(self.small_shape, device, torch.float32)
+        f, p, tau = (a.requires_grad_() for a in case.args)
+        args = _op_args(case.kwargs, device)
+        ops = torch.ops.pyprotoclip
+        _, lse, tlse = ops.proto_softmax_loss(f, p, tau, *args)
+        n = f.shape[0]
+        detached = (f.detach(), p.detach(), tau.detach(), *args, lse.detach(), tlse.detach(), [True, True, True])
+        return [(ops.proto_softmax_loss.default, (f, p, tau, *args))] + [
+            (ops._proto_softmax_loss_backward.default, (torch.rand(n, device=device), grad_lse, *detached))
+            for grad_lse in (None, torch.rand(n, device=device))
+        ]
+
+
+class TestProtoCrossEntropyHard(ProtoCrossEntropyTester):
+    mode = "hard"
+
+
+class TestProtoCrossEntropySoft(ProtoCrossEntropyTester):
+    mode = "soft"
+
+
+class TestProtoCrossEntropyTeacher(ProtoCrossEntropyTester):
+    mode = "teacher"
+
+
+class TestProtoAssign(OpTester):
+    output_names = ("probs",)
+    arg_names = ("features", "prototypes", "temperature")
+    shapes = SHAPES
+    small_shape = (9, 13, 8)
+    gradcheck_shape = (3, 5, 4)
+    slack, cuda_slack, cuda_fp32_tol = 1e-3, 2e-3, 2e-5
+    # dL/dtau sums p_ij (g_ij - sum_l g_il p_il) x_ij over all n*k entries, a sum that cancels: the fp32 reference
+    # itself is 2e-5 off (relative) at (257, 507)
+    fp32_rtols = {"grad temperature": 5e-5}
+
+    def make_case(self, shape, device, dtype):
+        f, p, _ = _problem(*shape, "hard", device=device, dtype=dtype)
+        return Case([f, p, scalar(TAU, device, dtype)], {})
+
+    def gradcheck_case(self):
+        return _smooth(super().gradcheck_case())
+
+    def fn(self, f, p, tau, *, backend):
+        return proto_assign(f, p, tau, backend=backend)
+
+    def expected_fn(self, f, p, tau):
+        return reference.proto_assign(f, p, tau)
+
+    def check(self, got, oracle, same_dtype_ref, **kw):
+        super().check(got, oracle, same_dtype_ref, **kw)
+        probs = got[0]
+        tol = 1e-5 if probs.dtype == torch.float32 else probs.shape[1] * torch.finfo(probs.dtype).eps
+        assert_close_verbose(probs.double().sum(1), torch.ones(probs.shape[0], dtype=torch.float64), atol=tol,
+                             name="row sums")
+
+    def opcheck_cases(self, device):
+        f, p, tau = (a.requires_grad_() for a in self.make_case(self.small_shape, device, torch.float32).args)
+        ops = torch.ops.pyprotoclip
+        grad_probs = torch.randn(f.shape[0], p.shape[0], device=device)
+        return [
+            (ops.proto_assign.default, (f, p, tau)),
+            (ops._proto_assign_backward.default,
+             (grad_probs, f.detach(), p.detach(), tau.detach(), [True, True, True])),
+        ]
+
+
+class TestProtoAssignTopk(OpTester):
+    """proto_assign(topk=k): values against the oracle's top-k; indices through the probabilities they point at
+    (robust to ties), distinct in each row."""
+
+    output_names = ("values", "indices")
+    arg_names = ("features", "prototypes", "temperature")
+    shapes = [(1, 1, 8, 1), (7, 123, 64, 5), (257, 507, 96, 17), (40, 10, 8, 10)]
+    small_shape = (9, 13, 8, 4)
+    differentiable = False
+    test_gradcheck = None  # not differentiable
+    slack, cuda_slack, cuda_fp32_tol = 1e-3, 2e-3, 2e-5
+
+    def make_case(self, shape, device, dtype):
+        b, k, d, topk = shape
+        f, p, _ = _problem(b, k, d, "hard", device=device, dtype=dtype)
+        return Case([f, p, scalar(TAU, device, dtype)], {"topk": topk})
+
+    def fn(self, f, p, tau, *, backend, topk):
+        return proto_assign(f, p, tau, topk=topk, backend=backend)
+
+    def expected_fn(self, f, p, tau, *, topk):
+        return reference.proto_assign(f, p, tau).topk(topk, dim=1)
+
+    def check(self, got, oracle, same_dtype_ref, *, case, dtype, backend, device):
+        values, indices = got
+        want = oracle[0]
+        super().check([values], [want], None if same_dtype_ref is None else same_dtype_ref[:1], case=case,
+                      dtype=dtype, backend=backend, device=device)
+        assert indices.dtype == torch.int64 and indices.shape == want.shape
+        f, p, tau = (to64(a) for a in case.args)
+        full = reference.proto_assign(f, p, tau)
+        assert_close_verbose(full.gather(1, indices), want, atol=1e-6, rtol=1e-5, name="probs at indices")
+        assert all(len(set(row.tolist())) == indices.shape[1] for row in indices.cpu())
+
+    def opcheck_cases(self, device):
+        f, p, tau = self.make_case(self.small_shape, device, torch.float32).args
+        return [(torch.ops.pyprotoclip.proto_assign_topk.default, (f, p, tau, self.small_shape[3]))]
+
+
+# ---- cases the tester does not cover -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("b,k,d", SHAPES)
-def test_cross_entropy_matches_reference_fp32(backend, mode, b, k, d):
-    _skip_unavailable(backend)
-    f, p, kw = _problem(b, k, d, mode)
-    got = _loss_and_grads(lambda a, c, t: proto_cross_entropy(a, c, t, backend=backend, **kw), f, p)
-    want = _oracle(f, p, kw)
-    for name, x, y in zip(NAMES, got, want):
-        assert_close_verbose(x, y, atol=2e-5, rtol=2e-5, name=f"{mode} {name}")
-
-
-@needs_compiled
-@pytest.mark.parametrize("mode", MODES)
-def test_cross_entropy_matches_reference_multi_block(mode):
-    b, k, d = MULTI_BLOCK
-    f, p, kw = _problem(b, k, d, mode)
+def test_cross_entropy_matches_reference_multi_block(mode, device):
+    skip_unavailable("compiled", device)
+    b, k, d = MULTI_BLOCK[device]
+    f, p, kw = _problem(b, k, d, mode, device=device)
     got = _loss_and_grads(lambda a, c, t: proto_cross_entropy(a, c, t, backend="compiled", **kw), f, p)
     want = _oracle(f, p, kw)
     for name, x, y in zip(NAMES, got, want):
@@ -117,19 +262,6 @@ def test_cross_entropy_reductions(mode, reduction):
     assert got[0].shape == (() if reduction == "sum" else (33,))
     for name, x, y in zip(NAMES, got, want):
         assert_close_verbose(x, y, atol=2e-5, rtol=2e-5, name=f"{mode} {reduction} {name}")
-
-
-@needs_compiled
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mode", MODES)
-def test_cross_entropy_low_precision_error_no_worse_than_reference(dtype, mode):
-    f, p, kw = _problem(67, 301, 64, mode, dtype=dtype)
-    kern = _loss_and_grads(lambda a, c, t: proto_cross_entropy(a, c, t, backend="compiled", **kw), f, p)
-    ref = _loss_and_grads(lambda a, c, t: proto_cross_entropy(a, c, t, backend="reference", **kw), f, p)
-    oracle = _oracle(f, p, kw)
-    assert kern[1].dtype == dtype and kern[2].dtype == dtype
-    for name, x, r, o in zip(NAMES, kern, ref, oracle):
-        low_precision_error_ok(x, r, o, slack=1e-3, name=f"{mode} {dtype} {name}")
 
 
 @needs_compiled
@@ -237,144 +369,16 @@ def test_hand_computed_gradients_2x3(backend):
     assert_close_verbose(tau.grad, -(g * a).sum() / 0.5, atol=1e-6, name="grad temperature")
 
 
-# ---- proto_assign ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("b,k,d", SHAPES)
-def test_assign_matches_reference_with_grads(backend, b, k, d):
-    _skip_unavailable(backend)
-    f, p, _ = _problem(b, k, d, "hard")
-    w = torch.randn(b, k)
-    got = _loss_and_grads(lambda a, c, t: proto_assign(a, c, t, backend=backend), f, p, weights=w)
-    want = _loss_and_grads(lambda a, c, t: reference.proto_assign(a, c, t), f.double(), p.double(), weights=w.double())
-    for name, x, y in zip(["probs"] + NAMES[1:], got, want):
-        assert_close_verbose(x, y, atol=2e-5, rtol=2e-5, name=name)
-    assert_close_verbose(got[0].sum(1), torch.ones(b), atol=1e-5, name="row sums")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("b,k,d,topk", [(1, 1, 8, 1), (7, 123, 64, 5), (257, 507, 96, 17), (40, 10, 8, 10)])
-def test_assign_topk_matches_reference(backend, b, k, d, topk):
-    _skip_unavailable(backend)
-    f, p, _ = _problem(b, k, d, "hard")
-    values, indices = proto_assign(f, p, TAU, topk=topk, backend=backend)
-    full = reference.proto_assign(f.double(), p.double(), torch.tensor(TAU, dtype=torch.float64))
-    want_values = full.topk(topk, dim=1).values
-    assert values.shape == (b, topk) and indices.shape == (b, topk) and indices.dtype == torch.int64
-    assert_close_verbose(values, want_values, atol=1e-6, rtol=1e-5, name="values")
-    # indices are checked through the probabilities they point at (robust to ties)
-    assert_close_verbose(full.gather(1, indices), want_values, atol=1e-6, rtol=1e-5, name="probs at indices")
-    assert all(len(set(row.tolist())) == topk for row in indices)
-
-
-@needs_compiled
-def test_assign_topk_multi_block():
-    b, k, d = MULTI_BLOCK
-    f, p, _ = _problem(b, k, d, "hard")
+@pytest.mark.parametrize("device", DEVICES)
+def test_assign_topk_multi_block(device):
+    skip_unavailable("compiled", device)
+    b, k, d = MULTI_BLOCK[device]
+    f, p, _ = _problem(b, k, d, "hard", device=device)
     values, indices = proto_assign(f, p, TAU, topk=3, backend="compiled")
-    full = reference.proto_assign(f.double(), p.double(), torch.tensor(TAU, dtype=torch.float64))
+    full = reference.proto_assign(f.double(), p.double(), torch.tensor(TAU, dtype=torch.float64, device=device))
     want = full.topk(3, dim=1).values
     assert_close_verbose(values, want, atol=1e-6, rtol=1e-5, name="values")
     assert_close_verbose(full.gather(1, indices), want, atol=1e-6, rtol=1e-5, name="probs at indices")
-
-
-@needs_compiled
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_assign_low_precision(dtype):
-    f, p, _ = _problem(67, 301, 64, "hard", dtype=dtype)
-    w = torch.randn(67, 301)
-    kern = _loss_and_grads(lambda a, c, t: proto_assign(a, c, t, backend="compiled"), f, p, weights=w.to(dtype))
-    ref = _loss_and_grads(lambda a, c, t: proto_assign(a, c, t, backend="reference"), f, p, weights=w.to(dtype))
-    oracle = _loss_and_grads(lambda a, c, t: reference.proto_assign(a, c, t), f.double(), p.double(), weights=w.double())
-    assert kern[0].dtype == dtype
-    for name, x, r, o in zip(["probs"] + NAMES[1:], kern, ref, oracle):
-        low_precision_error_ok(x, r, o, slack=1e-3, name=f"{dtype} {name}")
-    values, _ = proto_assign(f, p, TAU, topk=4, backend="compiled")
-    low_precision_error_ok(values, proto_assign(f, p, TAU, topk=4, backend="reference")[0],
-                           oracle[0].topk(4, dim=1).values, slack=1e-3, name="topk values")
-
-
-# ---- gradcheck, opcheck, torch.compile ----------------------------------------------------------------
-
-
-def _op_args(kw):
-    """target_index, target_probs, teacher_features, teacher_prototypes, teacher_temperature for the op."""
-    target = kw.get("target")
-    index = target if target is not None and target.dtype == torch.int64 else None
-    probs = target if target is not None and target.is_floating_point() else None
-    tt = kw.get("teacher_temperature")
-    return [index, probs, kw.get("teacher_features"), kw.get("teacher_prototypes"),
-            None if tt is None else torch.tensor(float(tt))]
-
-
-@needs_compiled
-@pytest.mark.parametrize("mode", MODES)
-def test_gradcheck_compiled(mode):
-    # finite differences of the compiled fp32 forward against the compiled backward
-    f, p, kw = _problem(3, 5, 4, mode, dtype=torch.float64)
-    tau = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
-    fn = lambda a, c, t: proto_cross_entropy(a, c, t, backend="compiled", **kw)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (f.requires_grad_(), p.requires_grad_(), tau), eps=1e-2, atol=5e-3, rtol=1e-2)
-    fa = lambda a, c, t: proto_assign(a, c, t, backend="compiled")  # noqa: E731
-    assert torch.autograd.gradcheck(fa, (f, p, tau), eps=1e-2, atol=5e-3, rtol=1e-2)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_reference_gradcheck_float64(mode):
-    f, p, kw = _problem(3, 5, 4, mode, dtype=torch.float64)
-    tau = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
-    fn = lambda a, c, t: proto_cross_entropy(a, c, t, backend="reference", **kw)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (f.requires_grad_(), p.requires_grad_(), tau))
-
-
-@needs_compiled
-@pytest.mark.parametrize("mode", MODES)
-def test_opcheck_loss_ops(mode):
-    ops = torch.ops.pyprotoclip
-    f, p, kw = _problem(9, 13, 8, mode)
-    args = _op_args(kw)
-    tau = torch.tensor(TAU)
-    torch.library.opcheck(ops.proto_softmax_loss.default, (f.requires_grad_(), p.requires_grad_(), tau, *args))
-    loss, lse, tlse = ops.proto_softmax_loss(f.detach(), p.detach(), tau, *args)
-    for grad_lse in (None, torch.rand(9)):
-        torch.library.opcheck(
-            ops._proto_softmax_loss_backward.default,
-            (torch.rand(9), grad_lse, f.detach(), p.detach(), tau, *args, lse, tlse, [True, True, True]),
-        )
-
-
-@needs_compiled
-def test_opcheck_assign_ops():
-    ops = torch.ops.pyprotoclip
-    f, p, _ = _problem(9, 13, 8, "hard")
-    tau = torch.tensor(TAU)
-    torch.library.opcheck(ops.proto_assign.default, (f.requires_grad_(), p.requires_grad_(), tau.requires_grad_()))
-    torch.library.opcheck(ops.proto_assign_topk.default, (f.detach(), p.detach(), tau.detach(), 4))
-    torch.library.opcheck(
-        ops._proto_assign_backward.default,
-        (torch.randn(9, 13), f.detach(), p.detach(), tau.detach(), [True, True, True]),
-    )
-
-
-@needs_compiled
-def test_torch_compile_fullgraph():
-    f, p, kw = _problem(16, 24, 8, "teacher")
-
-    def step(a, c, log_tau, index):
-        tau = log_tau.exp()
-        loss = proto_cross_entropy(a, c, tau, backend="compiled", **kw)
-        loss = loss + proto_cross_entropy(a, c, tau, target=index, backend="compiled")
-        probs = proto_assign(a, c, tau, backend="compiled")
-        values, _ = proto_assign(a, c, tau, topk=3, backend="compiled")
-        return loss + probs.square().mean() + values.sum()
-
-    index = torch.randint(0, 24, (16,))
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    got = _loss_and_grads(lambda a, c, t: compiled(a, c, t, index), f, p, math.log(TAU))
-    want = _loss_and_grads(lambda a, c, t: step(a, c, t, index), f, p, math.log(TAU))
-    for name, x, y in zip(NAMES, got, want):
-        assert_close_verbose(x, y, atol=1e-6, rtol=1e-6, name=name)
 
 
 # ---- errors ----------------------------------------------------------------------------------------
@@ -439,54 +443,3 @@ def test_direct_op_call_checks_bounds():
         torch.ops.pyprotoclip.proto_softmax_loss(f, p, torch.tensor(0.1), None, None, None, None, None)
     with pytest.raises(RuntimeError, match="k"):
         torch.ops.pyprotoclip.proto_assign_topk(f, p, torch.tensor(0.1), 7)
-
-
-# ---- CUDA -------------------------------------------------------------------------------------------
-
-
-@pytest.mark.cuda
-@needs_compiled
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("b,k,d", SHAPES + [MULTI_BLOCK])
-def test_cuda_matches_reference(mode, b, k, d):
-    f, p, kw = _problem(b, k, d, mode, device="cuda")
-    got = _loss_and_grads(lambda a, c, t: proto_cross_entropy(a, c, t, backend="compiled", **kw), f, p)
-    want = _oracle(f, p, kw)
-    for name, x, y in zip(NAMES, got, want):
-        assert_close_verbose(x, y, atol=2e-5, rtol=2e-5, name=f"cuda {mode} {name}")
-    w = torch.randn(b, k, device="cuda")
-    got = _loss_and_grads(lambda a, c, t: proto_assign(a, c, t, backend="compiled"), f, p, weights=w)
-    want = _loss_and_grads(lambda a, c, t: reference.proto_assign(a, c, t), f.double(), p.double(), weights=w.double())
-    for name, x, y in zip(["probs"] + NAMES[1:], got, want):
-        assert_close_verbose(x, y, atol=2e-5, rtol=2e-5, name=f"cuda assign {name}")
-    topk = min(k, 5)
-    values, indices = proto_assign(f, p, TAU, topk=topk, backend="compiled")
-    assert_close_verbose(values, want[0].topk(topk, dim=1).values, atol=1e-6, rtol=1e-5, name="cuda topk")
-    assert_close_verbose(want[0].gather(1, indices), want[0].topk(topk, dim=1).values, atol=1e-6, rtol=1e-5,
-                         name="cuda topk indices")
-
-
-@pytest.mark.cuda
-@needs_compiled
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mode", MODES)
-def test_cuda_low_precision(dtype, mode):
-    f, p, kw = _problem(67, 3001, 64, mode, device="cuda", dtype=dtype)
-    kern = _loss_and_grads(lambda a, c, t: proto_cross_entropy(a, c, t, backend="compiled", **kw), f, p)
-    ref = _loss_and_grads(lambda a, c, t: proto_cross_entropy(a, c, t, backend="reference", **kw), f, p)
-    oracle = _oracle(f, p, kw)
-    for name, x, r, o in zip(NAMES, kern, ref, oracle):
-        low_precision_error_ok(x, r, o, slack=2e-3, name=f"cuda {mode} {dtype} {name}")
-
-
-@pytest.mark.cuda
-@needs_compiled
-def test_cuda_opcheck():
-    ops = torch.ops.pyprotoclip
-    for mode in MODES:
-        f, p, kw = _problem(9, 13, 8, mode, device="cuda")
-        args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _op_args(kw)]
-        tau = torch.tensor(TAU, device="cuda")
-        torch.library.opcheck(ops.proto_softmax_loss.default, (f.requires_grad_(), p.requires_grad_(), tau, *args))
-    torch.library.opcheck(ops.proto_assign.default, (f, p, tau.requires_grad_()))
-    torch.library.opcheck(ops.proto_assign_topk.default, (f.detach(), p.detach(), tau.detach(), 4))
