@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "train": ("pyprotoclip.train.cli:train", "Train a contrastive image-text model (--method; torchrun-launchable)."),
     "eval": ("pyprotoclip.eval.cli:eval_cmd", "Zero-shot, linear-probe and retrieval evaluation of a checkpoint."),
     "data": ("pyprotoclip.data.cli:data", "Write datasets as webdataset shards (synthetic, from CSV, from folders)."),
+    "ood": ("pyprotoclip.ood.cli:ood", "Out-of-distribution detection: PALM training, scores of any checkpoint, FPR95/AUROC."),
 }
 
 

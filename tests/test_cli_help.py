@@ -13,7 +13,7 @@ def test_top_level_help_lists_the_working_commands():
     r = CliRunner().invoke(main, ["--help"])
     assert r.exit_code == 0
     listed = re.findall(r"^  (\w+)\s", r.output.split("Commands:")[1], flags=re.M)
-    assert listed == ["bench", "data", "doctor", "eval", "train"]
+    assert listed == ["bench", "data", "doctor", "eval", "ood", "train"]
     for name in listed:
         assert CliRunner().invoke(main, [name, "--help"]).exit_code == 0, name
 

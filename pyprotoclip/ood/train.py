@@ -1,0 +1,421 @@
+"""``pyprotoclip ood train``: supervised training for OOD detection with PALM (or cross-entropy, the MSP
+baseline) on labelled shards, following the official recipe (jeff024/PALM ``main.py``, ``trainer.py``,
+``util/train_utils.py``): two augmented views per image flattened view-major, SGD (momentum 0.9, Nesterov,
+weight decay on every parameter), a per-step schedule of 10 warm-up epochs from 0 then cosine to 1e-3 x lr.
+
+The run directory, logs, results.jsonl, atomic checkpoints and ``--resume latest`` work as for
+``pyprotoclip train`` (docs/training.md): an interrupted and resumed run ends with the same weights and
+prototypes, bit for bit, as an uninterrupted one. Under torchrun each process reads its own shards, the
+network is wrapped in DDP and PALM's prototype sums are all-reduced (every rank holds the same prototypes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from pyprotoclip import checkpoint as ckpt
+from pyprotoclip import distributed as pdist
+from pyprotoclip.losses import PALMLoss
+from pyprotoclip.ood.models import MultiView, build_model, no_text, resolve_model_cfg, train_transform
+from pyprotoclip.ops import skip_value_checks
+from pyprotoclip.train import policy
+from pyprotoclip.train.reporting import Meter, Results, TermMeter, format_terms, log, setup_logging
+
+FORMAT = "pyprotoclip-ood-v1"
+LOSSES = ("palm", "ce")
+PRECISIONS = ("amp", "amp_bf16", "fp32")
+
+# every flag of `ood train` and its default (the official runner.sh recipe where it sets one)
+DEFAULTS: dict[str, Any] = {
+    "train_data": None, "train_num_samples": None, "dataset_resampled": False, "workers": 2, "num_classes": None,
+    "batch_size": 512, "epochs": 500, "lr": 0.5, "wd": 1e-6, "momentum": 0.9, "warmup_epochs": 10,
+    "precision": "amp", "backbone": "resnet34", "cifar_stem": None, "image_size": None, "mean": None, "std": None,
+    "feat_dim": 128, "head": "mlp", "loss": "palm", "nviews": 2,
+    "cache_size": 6, "k": 5, "proto_m": 0.999, "temp": 0.1, "epsilon": 0.05, "sinkhorn_iterations": 3,
+    "lambda_pcon": 1.0, "proto_temp": 0.5, "detach_proto_update": False, "unlabelled": False,
+    "seed": 1, "logs": "./logs", "name": None, "resume": None, "save_frequency": 50, "save_most_recent": True,
+    "save_every_n_steps": 0, "stop_after_steps": None, "log_every_n_steps": 50, "device": "auto", "dist_backend": None,
+}
+
+
+def defaults() -> dict[str, Any]:
+    return dict(DEFAULTS)
+
+
+def palm_lr(step: int, *, base_lr: float, steps_per_epoch: int, epochs: int, warmup_epochs: int = 10) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) under the official schedule.
+
+    The official ``adjust_learning_rate`` runs after each step with that step's index s and sets
+    f(s) = base * s / W for s < W (W = warm-up epochs x steps per epoch), else
+    base * q + 1e-3 * base * (1 - q) with q = (1 + cos(pi (s - W) / (S - W))) / 2, S = all steps;
+    so step t trains at f(t - 1) and the very first step at the optimizer's initial lr, ``base``.
+    """
+    if step == 0:
+        return base_lr
+    s = step - 1
+    warm = warmup_epochs * steps_per_epoch
+    if s < warm:
+        return base_lr * s / warm
+    span = epochs * steps_per_epoch - warm
+    q = 0.5 * (1 + math.cos(math.pi * (s - warm) / span)) if span > 0 else 1.0
+    return base_lr * q + 1e-3 * base_lr * (1 - q)
+
+
+def validate(p: dict[str, Any]) -> None:
+    """Cross-flag checks; ValueError naming the flag."""
+    unknown = sorted(set(p) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"{unknown[0].replace('_', '-')}: not a flag of `ood train`")
+    if not p["train_data"]:
+        raise ValueError("train-data: expected labelled training shards (brace-expanded spec), got none")
+    positive = ("batch_size", "epochs", "nviews", "cache_size", "feat_dim", "log_every_n_steps")
+    for key in positive:
+        if not isinstance(p[key], int) or p[key] < 1:
+            raise ValueError(f"{key.replace('_', '-')}: expected an int >= 1, got {p[key]!r}")
+    for key in ("k", "warmup_epochs", "workers", "save_frequency", "save_every_n_steps", "sinkhorn_iterations"):
+        if not isinstance(p[key], int) or p[key] < 0:
+            raise ValueError(f"{key.replace('_', '-')}: expected an int >= 0, got {p[key]!r}")
+    if p["loss"] not in LOSSES:
+        raise ValueError(f"loss: expected one of {LOSSES}, got {p['loss']!r}")
+    if p["precision"] not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {p['precision']!r}")
+    if not p["lr"] > 0:
+        raise ValueError(f"lr: expected a value > 0, got {p['lr']!r}")
+    if p["wd"] < 0 or not 0 <= p["momentum"] < 1:
+        raise ValueError("wd, momentum: expected wd >= 0 and momentum in [0, 1)")
+    if p["num_classes"] is not None and p["num_classes"] < 1:
+        raise ValueError(f"num-classes: expected an int >= 1, got {p['num_classes']!r}")
+    if p["unlabelled"] and p["loss"] != "palm":
+        raise ValueError("unlabelled: only with --loss palm (cross-entropy needs labels)")
+    for key in ("mean", "std"):
+        if p[key] is not None and len(p[key]) != 3:
+            raise ValueError(f"{key}: expected three numbers (R G B), got {p[key]!r}")
+
+
+def _num_classes(p: dict[str, Any], data: Any) -> int:
+    if p["num_classes"]:
+        return p["num_classes"]
+    try:
+        classnames, _ = data.read_zeroshot_files(p["train_data"])
+    except FileNotFoundError:
+        if p["unlabelled"]:
+            raise ValueError("num-classes: --unlabelled needs --num-classes (the number of prototype groups)") from None
+        raise ValueError("num-classes: not given and no classnames.txt/templates.txt beside the training shards; "
+                         "pass --num-classes") from None
+    return len(classnames)
+
+
+def _model_cfg(p: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    return resolve_model_cfg(p["backbone"], cifar_stem=p["cifar_stem"], image_size=p["image_size"],
+                             mean=tuple(p["mean"]) if p["mean"] else None, std=tuple(p["std"]) if p["std"] else None,
+                             feat_dim=p["feat_dim"], head="none" if p["loss"] == "ce" else p["head"],
+                             num_classes=num_classes if p["loss"] == "ce" else None)
+
+
+def build_loss(p: dict[str, Any], num_classes: int) -> torch.nn.Module | None:
+    if p["loss"] == "ce":
+        return None
+    return PALMLoss(num_classes, feat_dim=p["feat_dim"], prototypes_per_class=p["cache_size"], topk=p["k"],
+                    proto_momentum=p["proto_m"], temperature=p["temp"], epsilon=p["epsilon"],
+                    sinkhorn_iterations=p["sinkhorn_iterations"], lambda_pcon=p["lambda_pcon"],
+                    proto_temperature=p["proto_temp"], detach_proto_update=p["detach_proto_update"],
+                    class_masks=not p["unlabelled"])
+
+
+class _Run:
+    """What one training run holds (the network, its loss, optimizer, data, where it writes)."""
+
+    def __init__(self, p: dict[str, Any], data: Any) -> None:
+        self.p, self.data = p, data
+        self.rank, local_rank, self.world = pdist.init_from_env(p["dist_backend"])
+        self.is_main = self.rank == 0
+        if p["device"] == "cuda" or (p["device"] == "auto" and torch.cuda.is_available()):
+            if not torch.cuda.is_available():
+                raise ValueError("device: cuda requested but CUDA is not available")
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self._run_dir()
+        self.console = setup_logging(os.path.join(self.run_dir, "out.log") if self.is_main else None, self.is_main)
+        if self.is_main:
+            with open(os.path.join(self.run_dir, "params.yaml"), "w") as f:
+                yaml.safe_dump({k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()}, f, sort_keys=True)
+        self.num_classes = _num_classes(p, data)
+        self.model_cfg = _model_cfg(p, self.num_classes)
+        # the same init on every rank (model and prototypes), then distinct streams per rank
+        torch.manual_seed(p["seed"])
+        random.seed(p["seed"])
+        np.random.seed(p["seed"])
+        self.net = build_model(self.model_cfg).to(self.device)
+        self.loss_fn = build_loss(p, self.num_classes)
+        if self.loss_fn is not None:
+            self.loss_fn.to(self.device)
+        torch.manual_seed(p["seed"] + self.rank)
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=p["lr"], momentum=p["momentum"], nesterov=True,
+                                         weight_decay=p["wd"])
+        cuda = self.device.type == "cuda"
+        if p["precision"] == "amp" and cuda:
+            self.autocast = lambda: torch.autocast("cuda", dtype=torch.float16)
+            self.scaler = torch.amp.GradScaler("cuda")
+        elif p["precision"] == "amp_bf16":
+            self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
+            self.scaler = None
+        else:
+            import contextlib
+
+            self.autocast, self.scaler = contextlib.nullcontext, None
+        cfg = self.model_cfg
+        self.preprocess = MultiView(train_transform(cfg["image_size"], cfg["mean"], cfg["std"]), p["nviews"])
+        self.results = Results(self.run_dir, self.is_main, False)
+        self.step = 0
+        self.first_loader = None
+        self.first_loader = self.make_loader(0)
+        self.steps_per_epoch = self.first_loader.num_batches
+        self.model: torch.nn.Module = self.net
+
+    def _run_dir(self) -> None:
+        p = self.p
+        if not p["name"]:
+            if p["resume"] == "latest":
+                raise ValueError("name: --resume latest needs the --name of the run to continue")
+            date = datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
+            p["name"] = pdist.broadcast_object(f"{date}-ood-{p['loss']}-{p['backbone']}-lr_{p['lr']}-b_{p['batch_size']}")
+        self.run_dir = os.path.join(p["logs"], p["name"])
+        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        self.resume_path = None
+        if p["resume"] == "latest":
+            self.resume_path = ckpt.find_latest(self.ckpt_dir) if os.path.isdir(self.ckpt_dir) else None
+        elif p["resume"]:
+            if not os.path.isfile(p["resume"]):
+                raise ValueError(f"resume: no such checkpoint {p['resume']!r} (or use --resume latest)")
+            self.resume_path = p["resume"]
+        if self.is_main:
+            if os.path.exists(os.path.join(self.run_dir, "out.log")) and not p["resume"]:
+                raise ValueError(f"name: the run directory {self.run_dir!r} already exists; pass --resume latest or a new --name")
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+        pdist.barrier()
+
+    def make_loader(self, epoch: int, start_batch: int = 0):
+        if epoch == 0 and start_batch == 0 and self.first_loader is not None:
+            loader, self.first_loader = self.first_loader, None
+            return loader
+        p = self.p
+        cfg = self.data.DataConfig(shards=p["train_data"], batch_size=p["batch_size"], workers=p["workers"],
+                                   num_samples=p["train_num_samples"], resampled=p["dataset_resampled"], seed=p["seed"],
+                                   drop_last=True)
+        return self.data.build_loader(cfg, preprocess=self.preprocess, tokenize=no_text, is_train=True, epoch=epoch,
+                                      rank=self.rank, world_size=self.world, start_batch=start_batch)
+
+    def lr(self, step: int) -> float:
+        p = self.p
+        return palm_lr(step, base_lr=p["lr"], steps_per_epoch=self.steps_per_epoch, epochs=p["epochs"],
+                       warmup_epochs=p["warmup_epochs"])
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+
+    def save(self, names: list[str], epochs_done: int) -> None:
+        rng = pdist.gather_object(ckpt.get_rng_state())
+        if not self.is_main or not names:
+            return
+        p = self.p
+        state = {
+            "format": FORMAT, "step": self.step, "epoch": epochs_done, "steps_per_epoch": self.steps_per_epoch,
+            "name": p["name"], "model": p["backbone"], "model_cfg": self.model_cfg, "method": p["loss"],
+            "num_classes": self.num_classes, "state_dict": self.net.state_dict(), "method_keys": [],
+            "method_state": self.loss_fn.state_dict() if self.loss_fn is not None else {},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "scheduler": {"kind": "palm-warmup-cosine", "step": self.step, "warmup_epochs": p["warmup_epochs"]},
+            "rng": rng, "world_size": self.world, "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()},
+        }
+        for name in names:
+            ckpt.save_checkpoint(state, os.path.join(self.ckpt_dir, name))
+
+    def resume(self) -> None:
+        path = self.resume_path
+        if not path:
+            if self.p["resume"] == "latest":
+                log.info("--resume latest: no checkpoint in %s, starting from scratch", self.ckpt_dir)
+            return
+        state = ckpt.load_checkpoint(path)
+        if state.get("format") != FORMAT:
+            raise ValueError(f"resume: {path} is not an `ood train` checkpoint (format {state.get('format')!r})")
+        if state.get("steps_per_epoch") != self.steps_per_epoch:
+            raise ValueError(f"resume: {path} was written with {state.get('steps_per_epoch')} steps per epoch, this run has "
+                             f"{self.steps_per_epoch}; keep --batch-size, --train-num-samples and the process count")
+        if state.get("method") != self.p["loss"]:
+            raise ValueError(f"resume: {path} was trained with --loss {state.get('method')}, this run has --loss {self.p['loss']}")
+        self.net.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.loss_fn is not None:
+            self.loss_fn.load_state_dict(state["method_state"])
+        self.step = int(state["step"])
+        rngs = state.get("rng") or []
+        if len(rngs) == self.world:
+            ckpt.set_rng_state(rngs[self.rank])
+        else:
+            log.warning("resume: checkpoint has RNG states for %d processes, this run has %d; not restoring RNG", len(rngs), self.world)
+        log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.step // self.steps_per_epoch)
+
+    # ---- one step ---------------------------------------------------------------------------------------
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        labels = batch["label"]  # on the CPU: checking it costs no device synchronisation
+        if not self.p["unlabelled"] and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            lo, hi = int(labels.min()), int(labels.max())
+            raise ValueError(f"train-data: class labels must lie in [0, {self.num_classes}) (--num-classes / classnames.txt), "
+                             f"got [{lo}, {hi}]; -1 means a sample without a .cls entry")
+        images = batch["image"]
+        if images.dim() != 5:
+            raise ValueError(f"train-data: expected (B, nviews, 3, H, W) images, got shape {tuple(images.shape)}")
+        b, v = images.shape[:2]
+        x = images.transpose(0, 1).reshape(v * b, *images.shape[2:]).to(self.device, non_blocking=True)  # view-major
+        y = labels.repeat(v).to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with skip_value_checks():
+            with self.autocast():
+                if self.loss_fn is None:
+                    logits = self.model(x)
+                    ce = torch.nn.functional.cross_entropy(logits.float(), y)
+                    terms = {"ce": ce, "loss": ce}
+                else:
+                    feats = self.model(x)
+            if self.loss_fn is not None:
+                terms = self.loss_fn(feats, None if self.p["unlabelled"] else y)
+            loss = terms["loss"]
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return {k: t.detach() for k, t in terms.items()}
+
+
+class _LogitsModel(torch.nn.Module):
+    """Cross-entropy training calls the network's classifier through DDP's forward."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.logits(x)
+
+
+def run(p: dict[str, Any], *, data: Any = None) -> dict[str, Any]:
+    """Train with the flags in ``p`` (keys with underscores, :data:`DEFAULTS` filled in); returns a summary
+    dict with the trained network (``net``) and the loss module (``loss_fn``, holding the prototypes).
+
+    data: an object with ``DataConfig``, ``build_loader`` and ``read_zeroshot_files`` (default :mod:`pyprotoclip.data`).
+    """
+    p = {**DEFAULTS, **p}
+    validate(p)
+    if data is None:
+        import pyprotoclip.data as data
+    r = _Run(p, data)
+    r.resume()
+    inner: torch.nn.Module = r.net if p["loss"] == "palm" else _LogitsModel(r.net)
+    r.model = inner
+    if pdist.is_distributed():
+        r.model = torch.nn.parallel.DistributedDataParallel(
+            inner, device_ids=[r.device.index] if r.device.type == "cuda" else None)
+    spe = r.steps_per_epoch
+    log.info("ood training (%s, %s, %d classes) on %d process(es), device %s: %d steps/epoch x %d epochs, global batch %d",
+             p["loss"], p["backbone"], r.num_classes, r.world, r.device, spe, p["epochs"], p["batch_size"] * r.world)
+    log.info("model parameters: %.2fM", sum(x.numel() for x in r.net.parameters()) / 1e6)
+    step_t, t0, stopped = Meter(), time.time(), False
+    try:
+        for epoch in range(r.step // spe, p["epochs"]):
+            stopped = _train_epoch(r, epoch, step_t)
+            if stopped:
+                break
+            r.save(policy.checkpoints_after_epoch(p, epoch + 1, r.step), epoch + 1)
+            if policy.stop_reached(p, r.step) and epoch + 1 < p["epochs"]:
+                log.info("stopping after step %d as asked (--stop-after-steps); resume with --resume latest", r.step)
+                stopped = True
+                break
+        wall = time.time() - t0
+        summary = {"run_dir": r.run_dir, "step": r.step, "steps_per_epoch": spe, "interrupted": stopped, "wall_s": wall,
+                   "samples_per_s": p["batch_size"] * r.world * step_t.count / max(step_t.total, 1e-9)}
+        if r.is_main:
+            log.info("done: %d steps in %.1fs, %.1f samples/s", r.step, wall, summary["samples_per_s"])
+            r.results.write({"type": "summary", **summary})
+        summary.update(net=r.net, loss_fn=r.loss_fn)
+        return summary
+    finally:
+        r.results.close()
+
+
+def _train_epoch(r: _Run, epoch: int, step_t: Meter) -> bool:
+    p, spe = r.p, r.steps_per_epoch
+    first = r.step - epoch * spe
+    loader = r.make_loader(epoch, first)
+    r.model.train()
+    it = iter(loader)
+    terms_epoch, window = TermMeter(), Meter()
+    bar = None
+    if r.is_main and sys.stdout.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=spe, initial=first, desc=f"epoch {epoch}", dynamic_ncols=True, file=sys.stdout)
+        r.console.bar = bar
+    end = time.time()
+    try:
+        for local in range(first, spe):
+            lr = r.lr(r.step)
+            for group in r.optimizer.param_groups:
+                group["lr"] = lr
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise RuntimeError(f"train-data: the loader stopped after {local} of {spe} steps in epoch {epoch}") from None
+            terms = r.train_step(batch)
+            r.step += 1
+            dt = time.time() - end
+            end = time.time()
+            terms_epoch.add(terms)
+            window.update(dt)
+            if local > first:
+                step_t.update(dt)
+            if bar is not None:
+                bar.update(1)
+            last_in_epoch = local + 1 == spe
+            if r.step % p["log_every_n_steps"] == 0 or last_in_epoch:
+                last = {k: float(v) for k, v in terms.items()}
+                if not all(math.isfinite(v) for v in last.values()):
+                    raise FloatingPointError(f"loss: non-finite loss terms at step {r.step}: {last}")
+                avg = terms_epoch.means()
+                gb = p["batch_size"] * r.world
+                sps = gb * window.count / max(window.total, 1e-9)
+                log.info("Train Epoch: %d [%d/%d (%.0f%%)] step %d | %.1f samples/s | lr %.3e | %s", epoch, (local + 1) * gb,
+                         spe * gb, 100.0 * (local + 1) / spe, r.step, sps, lr, format_terms(last, avg))
+                r.results.write({"type": "train", "epoch": epoch, "step": r.step, "samples": r.step * gb, **last,
+                                 **{f"{k}_avg": v for k, v in avg.items()}, "lr": lr, "samples_per_s": sps}, scalars="train")
+                window = Meter()
+            if last_in_epoch:
+                break
+            names = policy.checkpoints_after_step(p, r.step)
+            if names:
+                r.save(names, epoch)
+            if policy.stop_reached(p, r.step):
+                log.info("stopping after step %d as asked (--stop-after-steps); resume with --resume latest", r.step)
+                return True
+        return False
+    finally:
+        if bar is not None:
+            bar.close()
+            r.console.bar = None
