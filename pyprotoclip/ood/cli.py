@@ -32,6 +32,8 @@ def _floats3(ctx, param, value):
 @click.option("--train-num-samples", type=int, default=None, help="Samples per epoch [default: sizes.json].")
 @click.option("--dataset-resampled", is_flag=True, help="Sample shards with replacement.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Data-loader workers per process (official: 2).")
+@click.option("--shuffle-buffer", type=int, default=1000, show_default=True,
+              help="Samples per worker shuffled together; class-sorted shards (from-folder) need one per worker's share (docs/ood.md).")
 @click.option("--num-classes", type=int, default=None, help="Number of classes [default: the lines of classnames.txt beside the shards].")
 @click.option("--batch-size", "-b", type=int, default=512, show_default=True, help="Images per step and process (official runs: 512).")
 @click.option("--epochs", type=int, default=500, show_default=True, help="Epochs (official runs: 500).")

@@ -75,7 +75,7 @@ class KNN:
     """Negative Euclidean distance to the k-th nearest normalised training feature (Sun et al., ICML 2022).
 
     backend "faiss" (an exact IndexFlatL2; "auto" uses it when faiss is installed) or "torch" (exact, in
-    blocks of rows). The distances are those of the float32 normalised features.
+    blocks of at most ``block`` rows and 2^25 distances). The distances are those of the float32 normalised features.
     """
 
     def __init__(self, train_features: Any, *, k: int = 50, backend: str = "auto", block: int = 4096) -> None:
@@ -103,9 +103,10 @@ class KNN:
         else:
             t = self.train
             tn = (t * t).sum(1)
+            rows = max(1, min(self.block, (1 << 25) // t.shape[0]))  # a (rows, n_train) block stays <= 128 MiB
             out = []
-            for i in range(0, x.shape[0], self.block):
-                xb = torch.from_numpy(x[i : i + self.block])
+            for i in range(0, x.shape[0], rows):
+                xb = torch.from_numpy(x[i : i + rows])
                 d2 = (xb * xb).sum(1, keepdim=True) - 2.0 * (xb @ t.t()) + tn
                 out.append(torch.topk(d2, self.k, dim=1, largest=False).values[:, -1])
             kth = torch.cat(out).double().numpy()

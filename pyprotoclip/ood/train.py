@@ -37,7 +37,8 @@ PRECISIONS = ("amp", "amp_bf16", "fp32")
 
 # every flag of `ood train` and its default (the official runner.sh recipe where it sets one)
 DEFAULTS: dict[str, Any] = {
-    "train_data": None, "train_num_samples": None, "dataset_resampled": False, "workers": 2, "num_classes": None,
+    "train_data": None, "train_num_samples": None, "dataset_resampled": False, "workers": 2, "shuffle_buffer": 1000,
+    "num_classes": None,
     "batch_size": 512, "epochs": 500, "lr": 0.5, "wd": 1e-6, "momentum": 0.9, "warmup_epochs": 10,
     "precision": "amp", "backbone": "resnet34", "cifar_stem": None, "image_size": None, "mean": None, "std": None,
     "feat_dim": 128, "head": "mlp", "loss": "palm", "nviews": 2,
@@ -82,7 +83,7 @@ def validate(p: dict[str, Any]) -> None:
     for key in positive:
         if not isinstance(p[key], int) or p[key] < 1:
             raise ValueError(f"{key.replace('_', '-')}: expected an int >= 1, got {p[key]!r}")
-    for key in ("k", "warmup_epochs", "workers", "save_frequency", "save_every_n_steps", "sinkhorn_iterations"):
+    for key in ("k", "warmup_epochs", "workers", "shuffle_buffer", "save_frequency", "save_every_n_steps", "sinkhorn_iterations"):
         if not isinstance(p[key], int) or p[key] < 0:
             raise ValueError(f"{key.replace('_', '-')}: expected an int >= 0, got {p[key]!r}")
     if p["loss"] not in LOSSES:
@@ -213,7 +214,7 @@ class _Run:
         p = self.p
         cfg = self.data.DataConfig(shards=p["train_data"], batch_size=p["batch_size"], workers=p["workers"],
                                    num_samples=p["train_num_samples"], resampled=p["dataset_resampled"], seed=p["seed"],
-                                   drop_last=True)
+                                   shuffle_buffer=p["shuffle_buffer"], drop_last=True)
         return self.data.build_loader(cfg, preprocess=self.preprocess, tokenize=no_text, is_train=True, epoch=epoch,
                                       rank=self.rank, world_size=self.world, start_batch=start_batch)
 
