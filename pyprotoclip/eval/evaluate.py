@@ -115,6 +115,11 @@ def evaluate(
 TABLE_ROWS = (
     ("zero-shot top-1", "zeroshot_top1"),
     ("zero-shot top-5", "zeroshot_top5"),
+    ("cross-modal consistency @1", "crossmodal_consistency@1"),
+    ("cross-modal consistency @5", "crossmodal_consistency@5"),
+    ("in-modal consistency @1", "inmodal_consistency@1"),
+    ("in-modal consistency @5", "inmodal_consistency@5"),
+    ("image kNN top-1 (k=1)", "image_knn_top1@1"),
     ("linear probe top-1", "linear_probe_top1"),
     ("image->text R@1", "image_to_text_R@1"),
     ("image->text R@5", "image_to_text_R@5"),

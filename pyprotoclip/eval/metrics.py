@@ -12,6 +12,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from pyprotoclip.eval.consistency import DEFAULT_KS as CONSISTENCY_KS
+from pyprotoclip.eval.consistency import consistency_scores
 from pyprotoclip.eval.features import extract_features, unwrap
 from pyprotoclip.eval.linear_probe import linear_probe as fit_linear_probe
 from pyprotoclip.eval.retrieval import retrieval_recall
@@ -45,13 +47,16 @@ def evaluate_model(
     probe_c: float = 1.0,
     loss_batch_size: int | None = None,
     seed: int = 0,
+    consistency_ks: Sequence[int] = CONSISTENCY_KS,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Extract features over ``loader`` and compute the metrics the data allows.
 
     Always: retrieval recall@1/5/10 both ways and their mean. With ``loss_batch_size``: the CLIP loss
     over batches of that size (``val_loss``). With class names and templates and labelled samples:
     zero-shot top-1/top-5 (prompt ensembling). With ``linear_probe``: logistic regression on frozen
-    image features (a stratified held-out split of ``probe_test_fraction``).
+    image features (a stratified held-out split of ``probe_test_fraction``). With labelled samples:
+    CyCLIP's in-modal and (with zero-shot) cross-modal consistency@k for k in ``consistency_ks``
+    (:mod:`pyprotoclip.eval.consistency`; kNN leave-one-out within the evaluated set).
     Returns (metrics: name -> number, details: {"features", "zeroshot" (pred/target) when run}).
     """
     net = unwrap(model)
@@ -72,6 +77,9 @@ def evaluate_model(
         metrics.update(zeroshot_top1=zs["top1"], zeroshot_top5=zs["top5"], num_classes=len(classnames),
                        num_templates=len(templates))
         details["zeroshot"] = zs
+    if consistency_ks and int((labels >= 0).sum()) >= 2:
+        metrics.update(consistency_scores(feats["image_features"], feats["text_features"], labels, ks=consistency_ks,
+                                          classifier=w if "zeroshot" in details else None))
     if linear_probe:
         probe = fit_linear_probe(feats["image_features"], labels, test_fraction=probe_test_fraction, seed=seed, C=probe_c)
         metrics.update(linear_probe_top1=probe["top1"], linear_probe_train_top1=probe["train_top1"],
