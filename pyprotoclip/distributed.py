@@ -78,6 +78,34 @@ def all_gather_no_grad(tensor: torch.Tensor, group: dist.ProcessGroup | None = N
     return out
 
 
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group = group
+        out = tensor.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # Every rank's loss reads the same sum, so rank r's contribution receives the sum over ranks
+        # of their incoming gradients. When each rank computes the same global loss from the sum,
+        # that is W times its gradient, and DDP's average over W ranks then leaves exactly the
+        # single-process gradient.
+        out = grad.contiguous().clone()
+        dist.all_reduce(out, group=ctx.group)
+        return out, None
+
+
+def all_reduce_sum_with_grad(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The sum of ``tensor`` over ranks (a new tensor), differentiable: the backward all-reduces
+    (sums) the incoming gradient, so each rank's input gets the gradient of every rank's use of the
+    sum. Single-process: returns ``tensor`` unchanged."""
+    if not is_distributed(group):
+        return tensor
+    return _AllReduceSumWithGrad.apply(tensor, group)
+
+
 def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """In-place sum over ranks (a no-op single-process); returns ``tensor``."""
     if is_distributed(group):

@@ -2,16 +2,22 @@
 
 from pyprotoclip.losses.base import EpochContext, Method, StepContext
 from pyprotoclip.losses.clip import ClipLoss, ClipMethod
+from pyprotoclip.losses.cyclip import CyCLIPLoss, CyCLIPMethod, add_cyclic_terms, cyclic_losses, cyclic_weights
 from pyprotoclip.losses.palm import PALMLoss
 from pyprotoclip.losses.registry import get_method, method_names, register_method
 
 __all__ = [
     "ClipLoss",
     "ClipMethod",
+    "CyCLIPLoss",
+    "CyCLIPMethod",
     "EpochContext",
     "Method",
     "PALMLoss",
     "StepContext",
+    "add_cyclic_terms",
+    "cyclic_losses",
+    "cyclic_weights",
     "get_method",
     "method_names",
     "register_method",

@@ -1,0 +1,247 @@
+"""CyCLIP (Goel et al., NeurIPS 2022, arXiv 2205.14459): the CLIP loss plus two cyclic consistency
+regularisers over the global batch, computed through d x d Gram matrices.
+
+For N L2-normalised image and text embeddings I, T (N, d), with the official code's normalisation
+(the sum over all pairs of the global batch divided by N; the logit scale does not enter):
+
+    in-modal      L_I = 1/N sum_jk (<I_j, I_k> - <T_j, T_k>)^2
+    cross-modal   L_C = 1/N sum_jk (<I_j, T_k> - <I_k, T_j>)^2
+
+With S = I + T and D = I - T, I I^T - T T^T = (S D^T + D S^T)/2 and I T^T - T I^T = (D S^T - S D^T)/2,
+so with a = <S^T S, D^T D>_F and b = tr((D^T S)^2):
+
+    L_I = (a + b) / (2N),   L_C = (a - b) / (2N).
+
+The three d x d matrices S^T S, D^T D, D^T S hold the same information as I^T I, T^T T, I^T T (each
+set is a fixed linear combination of the other); this basis is used because near-aligned pairs
+(I ~ T, the regime the regularisers push towards) make ||I^T I||^2 - 2||I^T T||^2 + ||T^T T||^2 a
+difference of large, nearly equal numbers (fp32 loses ~3 digits at a pair distance of 0.01), while
+D is small there and nothing cancels. Memory: O(d^2) saved for backward (the inputs themselves are
+saved by reference); forward and backward each hold O(N d) transients (the sum, the difference, the
+gradients), never an N x N matrix. Across ranks, ONE all-reduce of the stacked d x d matrices (plus
+the row count) makes the terms exact on every rank; its backward sums the incoming gradients over
+ranks, so after DDP averages parameter gradients every rank's rows get exactly the gradient of the
+single-process loss on the concatenated batch. The official code instead gathers the features
+without gradient: its tower gradients from these terms are 1/W of the single-process ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+
+from pyprotoclip import distributed as pdist
+from pyprotoclip.losses.base import Method, StepContext
+from pyprotoclip.losses.registry import register_method
+from pyprotoclip.ops import checks, infonce_loss, similarity_cross_entropy
+
+DEFAULT_CYLAMBDA = 0.25  # the README recipe of the official code (its parser defaults to 0)
+
+
+class _SumDifferenceGrams(torch.autograd.Function):
+    """(I, T) -> (3, d, d) [S^T S, D^T D, D^T S] in ``acc_dtype``, S = I + T, D = I - T.
+
+    Saves only the inputs (by reference); the backward recomputes S and D (O(N d) transients)."""
+
+    @staticmethod
+    def forward(ctx, image: torch.Tensor, text: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+        i, t = image.to(acc_dtype), text.to(acc_dtype)
+        s, dm = i + t, i - t
+        grams = torch.stack([s.t() @ s, dm.t() @ dm, dm.t() @ s])
+        ctx.save_for_backward(image, text)
+        ctx.acc_dtype = acc_dtype
+        return grams
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        image, text = ctx.saved_tensors
+        i, t = image.to(ctx.acc_dtype), text.to(ctx.acc_dtype)
+        s, dm = i + t, i - t
+        del i, t
+        g_ss, g_dd, g_ds = grad.to(ctx.acc_dtype).unbind(0)
+        # d<G, S^T S>/dS = S (G + G^T); d<G, D^T S>/dS = D G, /dD = S G^T
+        grad_s = s @ (g_ss + g_ss.t())
+        grad_s.addmm_(dm, g_ds)
+        grad_d = dm @ (g_dd + g_dd.t())
+        grad_d.addmm_(s, g_ds.t())
+        del s, dm
+        grad_text = grad_s - grad_d  # dT = dS - dD, dI = dS + dD
+        grad_image = grad_s.add_(grad_d)
+        return grad_image.to(image.dtype), grad_text.to(text.dtype), None
+
+
+def _validate(image_features: object, text_features: object) -> tuple[torch.Tensor, torch.Tensor]:
+    image = checks.float_matrix("image_features", image_features)
+    text = checks.float_matrix("text_features", text_features)
+    checks.same_device([("image_features", image), ("text_features", text)])
+    if text.shape != image.shape:
+        raise ValueError(f"text_features: expected shape {tuple(image.shape)} to match image_features, got {tuple(text.shape)}")
+    checks.finite("image_features", image)
+    checks.finite("text_features", text)
+    return image, text
+
+
+def cyclic_losses(
+    image_features: torch.Tensor, text_features: torch.Tensor, *, group: dist.ProcessGroup | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CyCLIP's (in-modal, cross-modal) cyclic losses over the global batch, without an N x N matrix.
+
+        inmodal    = 1/N sum_jk (<I_j, I_k> - <T_j, T_k>)^2
+        crossmodal = 1/N sum_jk (<I_j, T_k> - <I_k, T_j>)^2
+
+    image_features, text_features: (B, d) on each rank, L2-normalised by the caller (the terms do
+    not normalise), float32/bfloat16/float16/float64, same device and shape (B may differ between
+    ranks; N is the sum of all ranks' B). bf16/fp16 inputs are accumulated in fp32. group: the
+    process group (default: the default group when torch.distributed is initialised).
+
+    Returns two 0-d float32 tensors (float64 for float64 inputs), the same global values on every
+    rank. Gradients reach each rank's own rows; after DDP averages parameter gradients over ranks
+    they equal the single-process gradients on the concatenated batch. Cost: O(N d^2) time, O(d^2)
+    saved memory, one all-reduce of 3 d^2 + 1 numbers. See the module docstring for the method.
+    """
+    image, text = _validate(image_features, text_features)
+    acc = torch.float64 if torch.float64 in (image.dtype, text.dtype) else torch.float32
+    d = image.shape[1]
+    grams = _SumDifferenceGrams.apply(image, text, acc)
+    if pdist.is_distributed(group):
+        count = torch.full((1,), float(image.shape[0]), dtype=acc, device=image.device)
+        flat = pdist.all_reduce_sum_with_grad(torch.cat([grams.reshape(-1), count]), group)
+        grams, n = flat[:-1].view(3, d, d), flat[-1].detach()
+    else:
+        n = image.shape[0]
+    g_ss, g_dd, g_ds = grams.unbind(0)
+    a = (g_ss * g_dd).sum()
+    b = (g_ds * g_ds.t()).sum()
+    return (a + b) / (2 * n), (a - b) / (2 * n)
+
+
+def cyclic_weights(params: Mapping[str, Any], default: float = 0.0) -> tuple[float, float]:
+    """(lambda1, lambda2) from ``--cylambda1/--cylambda2``; an unset flag (None) is ``default``
+    (CyCLIP: 0.25; a method that only optionally adds the terms, e.g. ProtoCLIP: 0)."""
+    out = []
+    for key in ("cylambda1", "cylambda2"):
+        value = params.get(key)
+        out.append(float(default if value is None else value))
+    return out[0], out[1]
+
+
+def check_cyclic_weights(params: Mapping[str, Any]) -> None:
+    """ValueError naming the flag unless --cylambda1/--cylambda2 are unset or finite and >= 0."""
+    for key in ("cylambda1", "cylambda2"):
+        value = params.get(key)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{key}: expected a finite value >= 0, got {value!r}")
+
+
+def add_cyclic_terms(
+    terms: dict[str, torch.Tensor],
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    cylambda1: float,
+    cylambda2: float,
+    *,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor | float:
+    """Add ``inmodal_cyclic_loss`` and ``crossmodal_cyclic_loss`` to ``terms`` and return
+    ``cylambda1 * inmodal + cylambda2 * crossmodal`` to add to the method's total.
+
+    With both weights 0 nothing is computed or logged and 0.0 is returned, so a method can call
+    this unconditionally (``--method protoclip`` with ``--cylambda1/2``)."""
+    if cylambda1 == 0 and cylambda2 == 0:
+        return 0.0
+    inmodal, crossmodal = cyclic_losses(image_features, text_features, group=group)
+    terms["inmodal_cyclic_loss"] = inmodal
+    terms["crossmodal_cyclic_loss"] = crossmodal
+    return cylambda1 * inmodal + cylambda2 * crossmodal
+
+
+def one_way_infonce(
+    queries: torch.Tensor, keys: torch.Tensor, logit_scale: torch.Tensor, *, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """CE(s q k^T, diag) over the global batch, one direction: this rank's query rows against all
+    ranks' keys (gathered with gradient), mean over the local rows, through
+    :func:`pyprotoclip.ops.similarity_cross_entropy`. After DDP's average it is exact, like
+    :func:`pyprotoclip.ops.infonce_loss`. Returns a 0-d float32 tensor."""
+    local = queries.shape[0]
+    targets = torch.arange(local, device=queries.device) + pdist.rank(group) * local
+    all_keys = pdist.all_gather_with_grad(keys, group)
+    return similarity_cross_entropy(queries, all_keys, targets, logit_scale).mean()
+
+
+class CyCLIPLoss(torch.nn.Module):
+    """L = L_contrastive + cylambda1 * L_inmodal_cyclic + cylambda2 * L_crossmodal_cyclic.
+
+    L_contrastive is the CLIP loss (:func:`pyprotoclip.ops.infonce_loss`). With ``inmodal`` (the
+    official ``--inmodal``) it is 1/2 (L_clip + 1/2 (CE(s I I_aug^T) + CE(s T T_aug^T))), one direction
+    per modality as the official code, where I_aug, T_aug are the model's
+    ``augmented_image_features`` / ``augmented_text_features`` (an augmented view of each image and
+    caption); the cyclic terms use the original views only.
+
+    outputs: ``image_features``, ``text_features`` (B, d) normalised, ``logit_scale`` 0-d (exp'd),
+    and with ``inmodal`` the two augmented (B, d). Returns {"contrastive_loss", "inmodal_cyclic_loss",
+    "crossmodal_cyclic_loss", "loss"} (0-d), plus "crossmodal_contrastive_loss" (L_clip) and
+    "inmodal_contrastive_loss" with ``inmodal``; the cyclic terms are left out when both weights are 0.
+    """
+
+    def __init__(self, cylambda1: float = DEFAULT_CYLAMBDA, cylambda2: float = DEFAULT_CYLAMBDA, *, inmodal: bool = False,
+                 group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        check_cyclic_weights({"cylambda1": cylambda1, "cylambda2": cylambda2})
+        self.cylambda1, self.cylambda2, self.inmodal, self.group = float(cylambda1), float(cylambda2), inmodal, group
+
+    def forward(self, outputs: Mapping[str, Any], *, step_context: StepContext | None = None) -> dict[str, torch.Tensor]:
+        image, text, scale = outputs["image_features"], outputs["text_features"], outputs["logit_scale"]
+        clip = infonce_loss(image, text, scale, group=self.group)
+        terms: dict[str, torch.Tensor] = {}
+        if self.inmodal:
+            missing = [k for k in ("augmented_image_features", "augmented_text_features") if k not in outputs]
+            if missing:
+                raise ValueError(
+                    f"{missing[0]}: --inmodal needs the augmented views in the model outputs (the model from "
+                    "CyCLIPMethod.build_model, fed by the loader of its train_transforms)"
+                )
+            inmodal = 0.5 * (one_way_infonce(image, outputs["augmented_image_features"], scale, group=self.group)
+                             + one_way_infonce(text, outputs["augmented_text_features"], scale, group=self.group))
+            contrastive = 0.5 * (clip + inmodal)
+            terms.update(contrastive_loss=contrastive, crossmodal_contrastive_loss=clip, inmodal_contrastive_loss=inmodal)
+        else:
+            contrastive = clip
+            terms["contrastive_loss"] = contrastive
+        cyclic = add_cyclic_terms(terms, image, text, self.cylambda1, self.cylambda2, group=self.group)
+        terms["loss"] = contrastive + cyclic
+        return terms
+
+
+@register_method
+class CyCLIPMethod(Method):
+    name = "cyclip"
+    summary = "CyCLIP: CLIP + in-modal and cross-modal cyclic consistency (--cylambda1/2, --inmodal)"
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        super().__init__(params)
+        self.cylambda1, self.cylambda2 = cyclic_weights(params, DEFAULT_CYLAMBDA)
+        self.inmodal = bool(params.get("inmodal"))
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        check_cyclic_weights(params)
+
+    def build_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.inmodal:
+            return model
+        from pyprotoclip.losses.views import TwoViewModel
+
+        return TwoViewModel(model)
+
+    def build_loss(self) -> torch.nn.Module:
+        return CyCLIPLoss(self.cylambda1, self.cylambda2, inmodal=self.inmodal)
+
+    def train_transforms(self, preprocess, tokenize):
+        if not self.inmodal:
+            return preprocess, tokenize
+        from pyprotoclip.losses.views import TwoViewPreprocess, TwoViewTokenizer
+
+        return TwoViewPreprocess(preprocess), TwoViewTokenizer(tokenize, seed=int(self.params.get("seed") or 0))
