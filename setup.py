@@ -64,6 +64,8 @@ def _write_build_info(with_cuda: bool, archs: str) -> None:
         "with_cuda": with_cuda,
         "cuda_version": torch.version.cuda if with_cuda else None,
         "cuda_archs": archs if with_cuda else None,
+        # tools/setup.sh's digest of the sources this build came from: a re-run with nothing changed skips the build
+        "sources": os.environ.get("PYPROTOCLIP_SOURCE_DIGEST"),
     }
     with open(os.path.join(ROOT, "pyprotoclip", "_build_info.json"), "w") as f:
         json.dump(info, f, indent=2)
@@ -72,7 +74,7 @@ def _write_build_info(with_cuda: bool, archs: str) -> None:
 def _extension():
     with_cuda = _want_cuda()
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-    # csrc/<op>.cpp: schemas and C++ entry points; csrc/module.cpp: build info; cpu/, cuda/: kernels
+    # csrc/<stem>.cpp: schemas and C++ entry points; csrc/module.cpp: build info; cpu/, cuda/: kernels
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     define = [("PYPROTOCLIP_PYTHON_MODULE", None), ("TORCH_VERSION_STRING", f'"{torch.__version__}"')]
     # no FMA contraction: the row epilogues rely on a*x - b rounding the same way in max and in exp

@@ -1,7 +1,7 @@
 // What this build of the library is. Built as the Python extension pyprotoclip._C it exposes
 // build_info() for pyprotoclip.build_info() / `pyprotoclip doctor`; built by CMake it is a plain
 // shared library and keeps only pyprotoclip_torch_version(). No op is defined here: each op's schemas
-// are in csrc/<op>.cpp (TORCH_LIBRARY_FRAGMENT) and its kernels in cpu/<op>.cpp and cuda/<op>.cu.
+// are in csrc/<stem>.cpp (TORCH_LIBRARY_FRAGMENT) and its kernels in cpu/<stem>.cpp and cuda/<stem>.cu.
 #ifdef PYPROTOCLIP_PYTHON_MODULE
 #include <torch/extension.h>
 #endif

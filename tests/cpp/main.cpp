@@ -1,5 +1,5 @@
 // Calls the installed C++ API of pyprotoclip (one entry point per op, declared in
-// <pyprotoclip/<op>.h> and dispatched to the CPU kernels) and checks each result against the same
+// <pyprotoclip/<stem>.h> and dispatched to the CPU kernels) and checks each result against the same
 // quantity computed with plain ATen ops. Exit code 0 on success.
 #include <pyprotoclip/infonce.h>
 #include <pyprotoclip/kmeans.h>
