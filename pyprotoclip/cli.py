@@ -61,7 +61,14 @@ def doctor(as_json: bool) -> None:
         click.echo("\nThe compiled kernels are not in use; every op runs its pure-PyTorch reference.", err=True)
 
 
-BENCHES = {"infonce": "bench_infonce.py", "proto": "bench_proto_softmax.py", "kmeans": "bench_kmeans.py"}
+BENCHES = {
+    "infonce": "bench_infonce.py",
+    "proto": "bench_proto_softmax.py",
+    "proto_softmax": "bench_proto_softmax.py",
+    "kmeans": "bench_kmeans.py",
+    "cyclip": "bench_cyclip.py",
+    "episode": "bench_episode.py",
+}
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -128,6 +128,8 @@ TABLE_ROWS = (
     ("text->image R@5", "text_to_image_R@5"),
     ("text->image R@10", "text_to_image_R@10"),
     ("retrieval mean recall", "mean_recall"),
+    ("clustering ARI", "clustering_ari"),
+    ("clustering AMI", "clustering_ami"),
 )
 
 
@@ -135,4 +137,6 @@ def format_table(results: dict[str, Any]) -> str:
     width = max(len(label) for label, _ in TABLE_ROWS)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
     lines += [f"{label:<{width}}  {100 * results[key]:5.1f}%" for label, key in TABLE_ROWS if key in results]
+    if "modality_gap" in results:
+        lines.append(f"{'modality gap':<{width}}  {results['modality_gap']:.3f}")
     return "\n".join(lines)

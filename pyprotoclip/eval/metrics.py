@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from pyprotoclip.eval.clustering import clustering_scores, modality_gap
 from pyprotoclip.eval.consistency import DEFAULT_KS as CONSISTENCY_KS
 from pyprotoclip.eval.consistency import consistency_scores
 from pyprotoclip.eval.features import extract_features, unwrap
@@ -51,7 +52,8 @@ def evaluate_model(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Extract features over ``loader`` and compute the metrics the data allows.
 
-    Always: retrieval recall@1/5/10 both ways and their mean. With ``loss_batch_size``: the CLIP loss
+    Always: retrieval recall@1/5/10 both ways and their mean, and the modality gap. With labels: k-means
+    of the image embeddings with K = the number of classes (ARI, AMI). With ``loss_batch_size``: the CLIP loss
     over batches of that size (``val_loss``). With class names and templates and labelled samples:
     zero-shot top-1/top-5 (prompt ensembling). With ``linear_probe``: logistic regression on frozen
     image features (a stratified held-out split of ``probe_test_fraction``). With labelled samples:
@@ -67,7 +69,10 @@ def evaluate_model(
         scale = net.logit_scale.exp().detach().float().cpu()
         metrics["val_loss"] = contrastive_loss(feats["image_features"], feats["text_features"], scale, loss_batch_size)
     metrics.update(retrieval_recall(feats["image_features"], feats["text_features"]))
+    metrics["modality_gap"] = modality_gap(feats["image_features"], feats["text_features"])
     labels = feats["labels"]
+    if int(torch.unique(labels[labels >= 0]).numel()) >= 2 and int((labels >= 0).sum()) > int(torch.unique(labels).numel()):
+        metrics.update(clustering_scores(feats["image_features"], labels, seed=seed))
     if classnames is not None and templates is not None and bool((labels >= 0).any()):
         if int(labels.max()) >= len(classnames):
             raise ValueError(f"classnames: the data has label {int(labels.max())} but only {len(classnames)} class names were given")
