@@ -48,9 +48,10 @@ class _SumDifferenceGrams(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, image: torch.Tensor, text: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
-        i, t = image.to(acc_dtype), text.to(acc_dtype)
-        s, dm = i + t, i - t
-        grams = torch.stack([s.t() @ s, dm.t() @ dm, dm.t() @ s])
+        with torch.autocast(image.device.type, enabled=False):  # called under autocast, the GEMMs stay in acc_dtype
+            i, t = image.to(acc_dtype), text.to(acc_dtype)
+            s, dm = i + t, i - t
+            grams = torch.stack([s.t() @ s, dm.t() @ dm, dm.t() @ s])
         ctx.save_for_backward(image, text)
         ctx.acc_dtype = acc_dtype
         return grams
@@ -58,16 +59,17 @@ class _SumDifferenceGrams(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         image, text = ctx.saved_tensors
-        i, t = image.to(ctx.acc_dtype), text.to(ctx.acc_dtype)
-        s, dm = i + t, i - t
-        del i, t
-        g_ss, g_dd, g_ds = grad.to(ctx.acc_dtype).unbind(0)
-        # d<G, S^T S>/dS = S (G + G^T); d<G, D^T S>/dS = D G, /dD = S G^T
-        grad_s = s @ (g_ss + g_ss.t())
-        grad_s.addmm_(dm, g_ds)
-        grad_d = dm @ (g_dd + g_dd.t())
-        grad_d.addmm_(s, g_ds.t())
-        del s, dm
+        with torch.autocast(image.device.type, enabled=False):
+            i, t = image.to(ctx.acc_dtype), text.to(ctx.acc_dtype)
+            s, dm = i + t, i - t
+            del i, t
+            g_ss, g_dd, g_ds = grad.to(ctx.acc_dtype).unbind(0)
+            # d<G, S^T S>/dS = S (G + G^T); d<G, D^T S>/dS = D G, /dD = S G^T
+            grad_s = s @ (g_ss + g_ss.t())
+            grad_s.addmm_(dm, g_ds)
+            grad_d = dm @ (g_dd + g_dd.t())
+            grad_d.addmm_(s, g_ds.t())
+            del s, dm
         grad_text = grad_s - grad_d  # dT = dS - dD, dI = dS + dD
         grad_image = grad_s.add_(grad_d)
         return grad_image.to(image.dtype), grad_text.to(text.dtype), None

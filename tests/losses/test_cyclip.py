@@ -75,6 +75,16 @@ def test_bf16_accumulates_in_fp32():
         assert_close_verbose(g, w, atol=1e-6, rtol=2**-8, name=name)  # only the final rounding to bf16
 
 
+def test_autocast_does_not_lower_the_accumulation():
+    image, text = features(64, 32, noise=0.5, seed=4)
+    want = grads(cyclic_losses, image.float(), text.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = grads(cyclic_losses, image.float(), text.float())
+    for g, w, name in zip(got, want, ("inmodal", "crossmodal", "grad image", "grad text")):
+        assert g.dtype == torch.float32
+        assert_close_verbose(g, w, atol=1e-6, rtol=1e-5, name=name)
+
+
 def test_hand_computed_two_by_two():
     # I = [e1, (0.6, 0.8)], T = [e2, e1]:
     # I I^T - T T^T = [[0, 0.6], [0.6, 0]]  -> 0.72 / 2 = 0.36
