@@ -71,11 +71,19 @@ BENCHES = {
 }
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("op", type=click.Choice(sorted(BENCHES)))
+# --help after OP belongs to the benchmark script: the command has no help option of its own
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.argument("op", required=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench(op: str, args: tuple[str, ...]) -> None:
-    """Run an operator benchmark from tools/ (source checkout); extra ARGS go to the script."""
+@click.pass_context
+def bench(ctx: click.Context, op: str | None, args: tuple[str, ...]) -> None:
+    """Run a benchmark from tools/ (source checkout): OP is one of infonce, proto_softmax (proto), kmeans,
+    cyclip, episode; ARGS (and --help) go to the script."""
+    if op in (None, "-h", "--help"):
+        click.echo(ctx.get_help())
+        return
+    if op not in BENCHES:
+        raise click.BadParameter(f"expected one of {', '.join(sorted(BENCHES))}, got {op!r}", param_hint="OP")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.join(here, "tools", BENCHES[op])
     if not os.path.exists(script):

@@ -29,3 +29,13 @@ def test_user_facing_text_does_not_speak_of_the_work_plan():
     hits = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
             for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\bissues?\b|\bticket", line, re.I)]
     assert not hits, hits
+
+
+def test_help_shows_zero_defaults_and_bench_passes_help_to_the_script():
+    r = CliRunner().invoke(main, ["train", "--help"])
+    for flag in ("--seed", "--save-every-n-steps"):
+        block = r.output.split(flag, 1)[1].split("\n  --", 1)[0]
+        assert "[default: 0]" in " ".join(block.split()), flag
+    assert "[default: 0]" in CliRunner().invoke(main, ["eval", "--help"]).output
+    r = CliRunner().invoke(main, ["bench", "--help"])
+    assert r.exit_code == 0 and "OP is one of" in r.output

@@ -10,7 +10,7 @@ from pyprotoclip.train import params as P
 
 
 def _option(flag: P.Flag):
-    kwargs: dict[str, Any] = {"help": flag.help, "hidden": flag.hidden, "show_default": flag.default not in (None, "", False)}
+    kwargs: dict[str, Any] = {"help": flag.help, "hidden": flag.hidden, "show_default": not (flag.default is None or flag.default is False or flag.default == "")}
     if flag.type is bool:
         return click.option(f"--{flag.name}", flag.key, is_flag=True, default=flag.default, **kwargs)
     if isinstance(flag.type, tuple):

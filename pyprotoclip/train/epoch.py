@@ -40,12 +40,18 @@ class _EpochLog:
 
     def window(self) -> None:
         self.batch_t, self.data_t = Meter(), Meter()
+        self.startup: tuple[float, float] | None = None
 
-    def add(self, terms: dict[str, Any], t_batch: float, t_data: float) -> None:
+    def add(self, terms: dict[str, Any], t_batch: float, t_data: float, *, startup: bool) -> None:
+        """A step's terms and times; ``startup``: the epoch's first step, which also waited for the data
+        workers to start: left out of the rates, as in the run's summary (unless it is all there is)."""
         self.epoch_terms.add(terms)
         self.last = terms
-        self.batch_t.update(t_batch)
-        self.data_t.update(t_data)
+        if startup:
+            self.startup = (t_batch, t_data)
+        else:
+            self.batch_t.update(t_batch)
+            self.data_t.update(t_data)
         if self.bar is not None:
             self.bar.update(1)
 
@@ -55,6 +61,9 @@ class _EpochLog:
         last = {k: float(v) for k, v in self.last.items()}
         avg = self.epoch_terms.means()
         scales = {"scale" + n[len("logit_scale"):]: float(getattr(run.net, n).detach().exp()) for n in run.method.scales}
+        if self.batch_t.count == 0 and self.startup is not None:
+            self.batch_t.update(self.startup[0])
+            self.data_t.update(self.startup[1])
         sps = run.global_batch * self.batch_t.count / max(self.batch_t.total, 1e-9)
         frac = self.data_t.total / max(self.batch_t.total, 1e-9)
         spe, gb = run.steps_per_epoch, run.global_batch
@@ -125,7 +134,7 @@ def train_one_epoch(run: TrainRun, epoch: int, speed: Speed) -> bool:
         run.step += 1
         t_batch = time.time() - end
         end = time.time()
-        out.add(terms, t_batch, t_data)
+        out.add(terms, t_batch, t_data, startup=local == first)
         if local > first:  # an epoch's first step pays for worker start-up
             speed.step.update(t_batch)
             speed.data.update(t_data)

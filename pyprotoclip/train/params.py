@@ -47,7 +47,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("beta1", float, None, "AdamW beta1 (default 0.9)."),
     Flag("beta2", float, None, "AdamW beta2 (default 0.98 for ViT models, 0.999 otherwise)."),
     Flag("eps", float, None, "AdamW epsilon (default 1e-6 for ViT models, 1e-8 otherwise)."),
-    Flag("wd", float, 0.2, "Weight decay (not applied to gains, biases, embeddings of norm layers, logit scale)."),
+    Flag("wd", float, 0.2, "AdamW weight decay; none on gains, biases, norm layers and the logit scales."),
     Flag("warmup", int, 10000, "Linear warm-up steps (optimizer steps)."),
     Flag("lr-scheduler", tuple(SCHEDULERS), "cosine", "LR schedule after warm-up."),
     Flag("epochs-cooldown", int, None, "const-cooldown: cool down over the last N epochs."),
@@ -81,6 +81,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("seed", int, 0, "Random seed (model init, data order, augmentation)."),
     Flag("val-frequency", int, 1, "Evaluate on --val-data every N epochs."),
     Flag("zeroshot-frequency", int, 2, "Zero-shot evaluation on --val-data every N epochs (0: never)."),
+    Flag("threads", int, None, "torch threads per process (default: torch's choice, all cores). With data workers "
+         "on a small machine, threads + workers <= cores avoids oversubscription."),
     Flag("device", ("auto", "cpu", "cuda"), "auto", "auto: cuda:<local rank> when CUDA is available, else CPU."),
     Flag("dist-backend", str, None, "torch.distributed backend (default: nccl on GPU, gloo on CPU)."),
     # ProtoCLIP (--method protoclip): episodes, prototypes, Prototypical Back Translation, external teacher
@@ -172,6 +174,8 @@ def validate(p: dict[str, Any]) -> None:
     """Cross-flag checks with messages that name the flag."""
     if not p["train_data"]:
         raise ValueError("train-data: required (brace-expanded shard spec, e.g. data/train/{00000..00009}.tar)")
+    if p["threads"] is not None and p["threads"] < 1:
+        raise ValueError(f"threads: expected a positive integer, got {p['threads']!r}")
     for key in ("batch_size", "epochs", "accum_freq", "log_every_n_steps"):
         if p[key] is None or p[key] < 1:
             raise ValueError(f"{FLAG_BY_KEY[key].name}: expected a positive integer, got {p[key]!r}")

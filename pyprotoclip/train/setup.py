@@ -163,6 +163,8 @@ def build_run(p: dict[str, Any], *, data: Any = None) -> TrainRun:
 
     rank, local_rank, world = pdist.init_from_env(p["dist_backend"])
     device = _select_device(p, local_rank)
+    if p["threads"]:
+        torch.set_num_threads(p["threads"])
     if data is None:
         import pyprotoclip.data as data
 
@@ -174,6 +176,7 @@ def build_run(p: dict[str, Any], *, data: Any = None) -> TrainRun:
         log.info("--precision amp on CPU trains in fp32 (use amp_bf16 for bfloat16 autocast)")
     if rank == 0:
         P.dump_params(p, os.path.join(run_dir, "params.yaml"))
+    _warn_oversubscription(p, device)
 
     from pyprotoclip.models import create_model, get_model_config
 
@@ -207,7 +210,22 @@ def build_run(p: dict[str, Any], *, data: Any = None) -> TrainRun:
             f"train-data: an epoch has {run.first_loader.num_batches} batches per process, fewer than --accum-freq "
             f"{p['accum_freq']}; use more samples or a smaller --batch-size"
         )
+    if p["warmup"] >= run.total_steps:
+        log.warning("--warmup %d is not shorter than the whole run (%d optimizer steps): the learning rate never "
+                    "reaches --lr %g; pass a smaller --warmup", p["warmup"], run.total_steps, p["lr"])
     return run
+
+
+def _warn_oversubscription(p: dict[str, Any], device: torch.device) -> None:
+    """On CPU, torch threads of every local process plus their data workers should not exceed the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    busy = local * (torch.get_num_threads() * (device.type == "cpu") + p["workers"])
+    if busy > cores:
+        log.warning("%d process(es) x (%d torch threads + %d data workers) on %d cores: oversubscribed, which can "
+                    "slow training several-fold; pass --threads %d (or fewer --workers)", local,
+                    torch.get_num_threads() * (device.type == "cpu"), p["workers"], cores,
+                    max(1, cores // local - p["workers"]))
 
 
 def wrap_data_parallel(run: TrainRun) -> None:

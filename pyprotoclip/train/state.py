@@ -31,7 +31,9 @@ def save(run: TrainRun, names: list[str], epochs_done: int) -> None:
         "rng": rng, "world_size": run.world, "params": dict(run.p),
     }
     for name in names:
-        ckpt.save_checkpoint(state, os.path.join(run.ckpt_dir, name))
+        path = os.path.join(run.ckpt_dir, name)
+        ckpt.save_checkpoint(state, path)
+        log.info("saved %s (%.1f MB)", path, os.path.getsize(path) / 1e6)
 
 
 def resume(run: TrainRun) -> None:

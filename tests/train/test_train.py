@@ -178,3 +178,12 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     assert moved > 1e-3  # the runs did train
     for k, v in outs[1].items():
         torch.testing.assert_close(outs[2][k], v, atol=2e-6, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_log_warns_about_a_long_warmup_oversubscription_and_says_checkpoint_sizes(fake_train, monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    s = fake_train(warmup=1000, workers=1, threads=1)
+    log = open(os.path.join(s["run_dir"], "out.log")).read()
+    assert "--warmup 1000 is not shorter than the whole run (2 optimizer steps)" in log
+    assert "oversubscribed" in log and "pass --threads" in log
+    assert "saved " in log and "epoch_1.pt (" in log and " MB)" in log
