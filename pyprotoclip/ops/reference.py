@@ -6,7 +6,21 @@ and they materialise the full similarity matrices: clear, not memory-efficient.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+def _exact(fn):
+    """Run ``fn`` with autocast off on every device: under ``torch.autocast`` (how a trainer calls the ops)
+    the matmuls would otherwise run in the autocast dtype, and the reference must stay fp32 like the kernels."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
@@ -16,6 +30,7 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
 # ---- similarity cross-entropy -----------------------------------------------------------
 
 
+@_exact
 def similarity_cross_entropy(
     q: torch.Tensor, k: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,6 +44,7 @@ def similarity_cross_entropy(
     return lse - target_logit, lse
 
 
+@_exact
 def symmetric_similarity_cross_entropy(
     q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,6 +57,7 @@ def symmetric_similarity_cross_entropy(
     return lse_rows - diag, lse_cols - diag, lse_rows, lse_cols
 
 
+@_exact
 def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Single-process symmetric CLIP loss, written as open_clip's ClipLoss: 0-d float32."""
     logits = _acc(logit_scale) * _acc(image_features) @ _acc(text_features).t()
@@ -54,12 +71,14 @@ def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
 # BEGIN proto_softmax reference
 
 
+@_exact
 def proto_assign(features: torch.Tensor, prototypes: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """``softmax_j(F_i . P_j / tau)``: (n, k) probabilities in ``features.dtype``. Differentiable."""
     logits = (_acc(features) @ _acc(prototypes).t()) / _acc(temperature)
     return torch.softmax(logits, dim=1).to(features.dtype)
 
 
+@_exact
 def proto_assign_topk(
     features: torch.Tensor, prototypes: torch.Tensor, temperature: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +89,7 @@ def proto_assign_topk(
     return values.to(features.dtype), indices
 
 
+@_exact
 def proto_softmax_loss(
     features: torch.Tensor,
     prototypes: torch.Tensor,
@@ -109,6 +129,7 @@ def proto_softmax_loss(
 # BEGIN kmeans reference
 
 
+@_exact
 def kmeans_update(
     x: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor | None, metric: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
