@@ -141,3 +141,27 @@ def test_inmodal_run_checkpoints_evaluate_and_resume_exactly(fake_train, monkeyp
     want, got = _state(full["model"]), _state(resumed["model"])
     diff = [k for k in want if not torch.equal(want[k], got[k])]
     assert not diff, f"{len(diff)} tensors differ after resume, e.g. {diff[:3]}"
+
+
+def test_cli_flags(monkeypatch):
+    from click.testing import CliRunner
+
+    from pyprotoclip.cli import main
+    from pyprotoclip.train import params as P
+    from pyprotoclip.train import trainer
+
+    seen = {}
+
+    def fake_run(p, **kw):
+        P.validate(p)
+        seen.update(p)
+        return {}
+
+    monkeypatch.setattr(trainer, "run", fake_run)
+    r = CliRunner().invoke(main, ["train", "--help"])
+    assert all(flag in r.output for flag in ("--cylambda1", "--cylambda2", "--inmodal", "cyclip"))
+    r = CliRunner().invoke(main, ["train", "--train-data", "x", "--method", "cyclip", "--cylambda1", "0.5", "--inmodal"])
+    assert r.exit_code == 0, r.output
+    assert seen["cylambda1"] == 0.5 and seen["cylambda2"] is None and seen["inmodal"] is True
+    r = CliRunner().invoke(main, ["train", "--train-data", "x", "--method", "cyclip", "--cylambda2", "-1"])
+    assert r.exit_code == 2 and "Error: cylambda2:" in r.output and "Traceback" not in r.output, r.output
