@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import glob
 import os
-import pickle
 import random
 import re
 from typing import Any
@@ -41,13 +40,32 @@ def save_checkpoint(obj: dict[str, Any], path: str) -> None:
             os.remove(tmp)
 
 
+def _looks_like(path: str) -> str:
+    """What a file that torch cannot read appears to be, from its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (torch's format) that is damaged or truncated"
+    if head[:1] == b"\x80":
+        return "a pickle of an older torch format or of arbitrary Python objects"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary data of an unknown format"
+    return f"a text file starting {text.splitlines()[0][:40]!r}" if text.strip() else "a text file"
+
+
 def load_checkpoint(path: str, *, mmap: bool = False) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs)."""
+    """Load a checkpoint with ``weights_only=True``: no arbitrary code runs, and a file that is not a
+    checkpoint (text, empty, truncated, a pickle of other objects) is a one-line ValueError saying what it
+    looks like instead."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: no such file {path!r}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch raises many types (KeyError, UnpicklingError, ...) for non-checkpoints
         # torch's own messages run to several lines and suggest weights_only=False, which we never do
         text = str(exc)
         if isinstance(exc, EOFError):
@@ -56,7 +74,11 @@ def load_checkpoint(path: str, *, mmap: bool = False) -> dict[str, Any]:
             reason = (text.split("WeightsUnpickler error:", 1)[1].strip().splitlines() or ["not a pickle"])[0]
         else:
             reason = (text.strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
-        raise ValueError(f"checkpoint: {path!r} is not a torch checkpoint readable with weights_only=True ({reason[:200]})") from exc
+            reason = f"{type(exc).__name__}: {reason}" if isinstance(exc, (KeyError, ValueError, TypeError)) else reason
+        raise ValueError(
+            f"checkpoint: {path!r} is not a torch checkpoint readable with weights_only=True: it looks like "
+            f"{_looks_like(path)} ({reason[:160]})"
+        ) from None
 
 
 META_KEYS = ("step", "epoch", "model", "name", "method")

@@ -64,12 +64,15 @@ def get_tokenizer(name: str) -> Callable[..., torch.Tensor]:
 def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained: no such checkpoint file {path!r} (give a local .pt/.bin file)")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
+    from pyprotoclip.checkpoint import load_checkpoint, model_weights
+
+    try:
+        obj = load_checkpoint(path)
+    except ValueError as exc:
+        raise ValueError(f"pretrained: {str(exc).removeprefix('checkpoint: ')}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "state_dict" not in obj:
+        obj = obj["model"]
+    obj, _ = model_weights(obj)  # a training checkpoint's architecture weights (a method's additions left out)
     if not isinstance(obj, dict):
         raise ValueError(f"pretrained: {path!r} does not hold a state dict")
     return obj

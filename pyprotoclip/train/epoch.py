@@ -95,6 +95,12 @@ class _EpochLog:
                         "'skipping bad sample' warnings for which", self.epoch, stats["bad_total"], reasons)
 
 
+def log_stop(run: TrainRun, preempted: bool) -> None:
+    why = f"{run.preemption.signal} received" if preempted else "--stop-after-steps"
+    log.info("stopping after step %d (%s): checkpoints/%s is resumable; continue with the same command plus "
+             "--resume latest", run.step, why, policy.LATEST)
+
+
 def _set_lr(run: TrainRun, epoch: int) -> float:
     """Set every parameter group's rate for this step; returns the schedule's (the base) rate."""
     for group in run.optimizer.param_groups:
@@ -143,11 +149,12 @@ def train_one_epoch(run: TrainRun, epoch: int, speed: Speed) -> bool:
             out.write(local, lr)
         if last_in_epoch:
             break
-        names = policy.checkpoints_after_step(p, run.step)
+        preempted = run.preemption.requested()
+        names = policy.checkpoints_after_step(p, run.step, preempted=preempted)
         if names:  # the same on every rank: saving is collective (it gathers each rank's RNG)
             save(run, names, epoch)
-        if policy.stop_reached(p, run.step):
-            log.info("stopping after step %d as asked (--stop-after-steps); resume with --resume latest", run.step)
+        if preempted or policy.stop_reached(p, run.step):
+            log_stop(run, preempted)
             stopped = True
             break
     out.close(loader)

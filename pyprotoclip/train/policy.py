@@ -5,9 +5,54 @@ Checkpoint names: ``epoch_<N>.pt`` after epoch N, and ``epoch_latest.pt`` (overw
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any, Mapping
 
+import torch
+import torch.distributed as dist
+
 from pyprotoclip.checkpoint import LATEST
+
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")  # a scheduler's stop request; SLURM sends SIGUSR1 before a time limit
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 ask the run to stop at the next step boundary with a resumable checkpoint.
+
+    The handler only records the signal; :meth:`requested` is asked after every step and answers for all
+    ranks at once (one all-reduce of a host flag over a gloo group), so every rank stops at the same step.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "Preemption":
+        if threading.current_thread() is threading.main_thread():
+            for name in PREEMPTION_SIGNALS:
+                num = getattr(signal, name, None)
+                if num is not None:
+                    self._previous[num] = signal.signal(num, self._record)
+        return self
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def uninstall(self) -> None:
+        for num, handler in self._previous.items():
+            signal.signal(num, handler)
+        self._previous = {}
+
+    def requested(self) -> bool:
+        if self.group is None:
+            return self.signal is not None
+        flag = torch.tensor([int(self.signal is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if flag.item() and self.signal is None:
+            self.signal = "a signal to another process"
+        return bool(flag.item())
 
 
 def stop_reached(p: Mapping[str, Any], step: int) -> bool:
@@ -15,19 +60,19 @@ def stop_reached(p: Mapping[str, Any], step: int) -> bool:
     return p["stop_after_steps"] is not None and step >= p["stop_after_steps"]
 
 
-def checkpoints_after_step(p: Mapping[str, Any], step: int) -> list[str]:
+def checkpoints_after_step(p: Mapping[str, Any], step: int, *, preempted: bool = False) -> list[str]:
     """Checkpoints to write after a step that does not end an epoch."""
-    if stop_reached(p, step) or (p["save_every_n_steps"] and step % p["save_every_n_steps"] == 0):
+    if preempted or stop_reached(p, step) or (p["save_every_n_steps"] and step % p["save_every_n_steps"] == 0):
         return [LATEST]
     return []
 
 
-def checkpoints_after_epoch(p: Mapping[str, Any], epochs_done: int, step: int) -> list[str]:
+def checkpoints_after_epoch(p: Mapping[str, Any], epochs_done: int, step: int, *, preempted: bool = False) -> list[str]:
     """Checkpoints to write when epoch ``epochs_done`` (1-based count) has ended."""
     names = []
     if p["save_frequency"] and (epochs_done % p["save_frequency"] == 0 or epochs_done == p["epochs"]):
         names.append(f"epoch_{epochs_done}.pt")
-    stopping = stop_reached(p, step) and epochs_done < p["epochs"]
+    stopping = (preempted or stop_reached(p, step)) and epochs_done < p["epochs"]
     if p["save_most_recent"] or p["save_every_n_steps"] or stopping:
         names.append(LATEST)
     return names

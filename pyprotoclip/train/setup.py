@@ -6,16 +6,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import tempfile
 from datetime import datetime
 from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pyprotoclip import checkpoint as ckpt
 from pyprotoclip import distributed as pdist
 from pyprotoclip.losses import LoaderRequest, Method, get_method
 from pyprotoclip.train import params as P
+from pyprotoclip.train.policy import Preemption
 from pyprotoclip.train.reporting import Results, log, setup_logging
 from pyprotoclip.train.scheduler import lr_at
 from pyprotoclip.train.step import autocast_factory
@@ -49,6 +52,7 @@ class TrainRun:
     data: Any
     steps_per_epoch: int
     results: Results
+    preemption: Any = None  # policy.Preemption: SIGTERM/SIGUSR1 stop the run at a step boundary
     first_loader: Any = None
     step: int = 0
 
@@ -138,10 +142,28 @@ def _prepare_run_dir(p: dict[str, Any], is_main: bool) -> tuple[str, str, str | 
         resume_path = p["resume"]
     if is_main:
         if os.path.exists(os.path.join(run_dir, "out.log")) and not p["resume"]:
-            raise ValueError(f"name: the run directory {run_dir!r} already exists; pass --resume latest or a new --name")
-        os.makedirs(ckpt_dir, exist_ok=True)
+            if _holds_a_run(run_dir):
+                raise ValueError(f"name: the run directory {run_dir!r} already holds a run; pass --resume latest or a new --name")
+            for stale in ("out.log", "results.jsonl", "params.yaml"):  # a start that failed before its first step
+                if os.path.exists(os.path.join(run_dir, stale)):
+                    os.remove(os.path.join(run_dir, stale))
+        try:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=ckpt_dir):
+                pass
+        except OSError as exc:
+            raise ValueError(f"logs: cannot write the run directory {run_dir!r} ({exc.strerror or exc})") from None
     pdist.barrier()
     return run_dir, ckpt_dir, resume_path
+
+
+def _holds_a_run(run_dir: str) -> bool:
+    """A checkpoint or a completed training step: the directory is not a failed start's leftovers."""
+    ckpts = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(ckpts) and any(f.endswith(".pt") for f in os.listdir(ckpts)):
+        return True
+    results = os.path.join(run_dir, "results.jsonl")
+    return os.path.isfile(results) and '"type": "train"' in open(results).read()
 
 
 def _seed_everything(seed: int) -> None:
@@ -202,6 +224,7 @@ def build_run(p: dict[str, Any], *, data: Any = None) -> TrainRun:
         autocast=autocast, preprocess_train=preprocess_train, preprocess_val=preprocess_val, tokenizer=tokenizer,
         data=data, steps_per_epoch=0,
         results=Results(run_dir, rank == 0, "tensorboard" in P.report_to(p)),
+        preemption=Preemption(dist.new_group(backend="gloo") if pdist.is_distributed() else None),
     )
     run.first_loader = run.make_loader(0)
     run.steps_per_epoch = run.first_loader.num_batches // p["accum_freq"]

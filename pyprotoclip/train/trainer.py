@@ -15,7 +15,7 @@ from typing import Any
 
 from pyprotoclip import distributed as pdist
 from pyprotoclip.train import policy
-from pyprotoclip.train.epoch import Speed, train_one_epoch
+from pyprotoclip.train.epoch import Speed, log_stop, train_one_epoch
 from pyprotoclip.train.reporting import log
 from pyprotoclip.train.setup import TrainRun, build_run, wrap_data_parallel
 from pyprotoclip.train.state import resume, save
@@ -35,19 +35,23 @@ def run(p: dict[str, Any], *, data: Any = None) -> dict[str, Any]:
     log.info("model parameters: %.2fM", sum(x.numel() for x in r.net.parameters()) / 1e6)
     speed, t0 = Speed(), time.time()
     stopped = False
+    r.preemption.install()
     try:
         for epoch in range(r.step // r.steps_per_epoch, p["epochs"]):
             stopped = train_one_epoch(r, epoch, speed)
             if stopped:
                 break
-            save(r, policy.checkpoints_after_epoch(p, epoch + 1, r.step), epoch + 1)
-            evaluate(r, epoch + 1)
-            if policy.stop_reached(p, r.step) and epoch + 1 < p["epochs"]:
-                log.info("stopping after step %d as asked (--stop-after-steps); resume with --resume latest", r.step)
+            preempted = r.preemption.requested()
+            save(r, policy.checkpoints_after_epoch(p, epoch + 1, r.step, preempted=preempted), epoch + 1)
+            if not preempted:
+                evaluate(r, epoch + 1)
+            if (preempted or policy.stop_reached(p, r.step)) and epoch + 1 < p["epochs"]:
+                log_stop(r, preempted)
                 stopped = True
                 break
         return _summary(r, speed, time.time() - t0, stopped)
     finally:
+        r.preemption.uninstall()
         r.results.close()
 
 
