@@ -35,5 +35,14 @@ class ClipMethod(Method):
     name = "clip"
     summary = "CLIP: symmetric InfoNCE over the global batch"
 
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        # another method's switches would otherwise be ignored without a word
+        for key in ("cylambda1", "cylambda2"):
+            if params.get(key):
+                raise ValueError(f"{key}: CLIP has no cyclic terms; use --method cyclip (or protoclip) with it")
+        if params.get("inmodal"):
+            raise ValueError("inmodal: the augmented-view term belongs to --method cyclip")
+
     def build_loss(self) -> torch.nn.Module:
         return ClipLoss()

@@ -58,6 +58,8 @@ def test_config_yaml_and_command_line_precedence(captured, tmp_path):
     "args,config,message",
     [
         (["--train-data", "x", "--method", "nosuch"], None, "Invalid value for '--method'"),
+        (["--train-data", "x", "--cylambda1", "0.3"], None, "cylambda1: CLIP has no cyclic terms"),
+        (["--train-data", "x", "--inmodal"], None, "inmodal: the augmented-view term belongs to --method cyclip"),
         ([], "train-data: x\nmethod: nosuch\n", "method: expected one of"),
         ([], None, "train-data: required"),
         (["--train-data", "x", "--batch-size", "0"], None, "batch-size: expected a positive integer"),
