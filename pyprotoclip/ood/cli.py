@@ -54,6 +54,9 @@ def _floats3(ctx, param, value):
 @click.option("--loss", type=click.Choice(["palm", "ce"]), default="palm", show_default=True,
               help="palm, or ce: cross-entropy with a linear classifier (the MSP baseline, same views and schedule).")
 @click.option("--nviews", type=int, default=2, show_default=True, help="Augmented views per image.")
+@click.option("--augment", type=click.Choice(["simclr", "crop"]), default="simclr", show_default=True,
+              help="simclr: the official views (crop, flip, colour jitter, grayscale); crop: crop and flip only (classes defined by colour).")
+@click.option("--crop-scale", type=float, default=0.2, show_default=True, help="Smallest area fraction of RandomResizedCrop (official 0.2).")
 @click.option("--cache-size", type=int, default=6, show_default=True, help="Prototypes per class (1: a single-prototype baseline).")
 @click.option("--k", type=int, default=5, show_default=True, help="Top-k prototypes kept per sample (0: all; capped at --cache-size).")
 @click.option("--proto_m", "--proto-m", "proto_m", type=float, default=0.999, show_default=True, help="EMA momentum of the prototypes.")

@@ -118,18 +118,24 @@ def build_model(cfg: dict[str, Any]) -> OODNet:
 # ---- transforms ---------------------------------------------------------------------------------------------
 
 
-def train_transform(size: int, mean, std) -> Callable[[Image.Image], torch.Tensor]:
-    """The official two-view pipeline's single view (SimCLR-style, ``simclr_transform_train``)."""
+AUGMENTATIONS = ("simclr", "crop")
+
+
+def train_transform(size: int, mean, std, *, augment: str = "simclr", crop_scale: float = 0.2) -> Callable[[Image.Image], torch.Tensor]:
+    """One augmented view. "simclr": the official PALM pipeline (``simclr_transform_train``): RandomResizedCrop
+    (area ``crop_scale``-1) -> flip -> colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8 -> grayscale with p 0.2.
+    "crop": RandomResizedCrop -> flip only (the official cross-entropy pipeline, ``transform_train``), for data
+    whose classes depend on colour."""
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.RandomResizedCrop(size=size, scale=(0.2, 1.0)),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment: expected one of {AUGMENTATIONS}, got {augment!r}")
+    if not 0 < crop_scale <= 1:
+        raise ValueError(f"crop-scale: expected a value in (0, 1], got {crop_scale!r}")
+    steps = [T.RandomResizedCrop(size=size, scale=(crop_scale, 1.0)), T.RandomHorizontalFlip()]
+    if augment == "simclr":
+        steps += [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
 
 
 def eval_transform(size: int, mean, std) -> Callable[[Image.Image], torch.Tensor]:

@@ -26,7 +26,7 @@ import yaml
 from pyprotoclip import checkpoint as ckpt
 from pyprotoclip import distributed as pdist
 from pyprotoclip.losses import PALMLoss
-from pyprotoclip.ood.models import MultiView, build_model, no_text, resolve_model_cfg, train_transform
+from pyprotoclip.ood.models import AUGMENTATIONS, MultiView, build_model, no_text, resolve_model_cfg, train_transform
 from pyprotoclip.ops import skip_value_checks
 from pyprotoclip.train import policy
 from pyprotoclip.train.reporting import Meter, Results, TermMeter, format_terms, log, setup_logging
@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "num_classes": None,
     "batch_size": 512, "epochs": 500, "lr": 0.5, "wd": 1e-6, "momentum": 0.9, "warmup_epochs": 10,
     "precision": "amp", "backbone": "resnet34", "cifar_stem": None, "image_size": None, "mean": None, "std": None,
-    "feat_dim": 128, "head": "mlp", "loss": "palm", "nviews": 2,
+    "feat_dim": 128, "head": "mlp", "loss": "palm", "nviews": 2, "augment": "simclr", "crop_scale": 0.2,
     "cache_size": 6, "k": 5, "proto_m": 0.999, "temp": 0.1, "epsilon": 0.05, "sinkhorn_iterations": 3,
     "lambda_pcon": 1.0, "proto_temp": 0.5, "detach_proto_update": False, "unlabelled": False,
     "seed": 1, "logs": "./logs", "name": None, "resume": None, "save_frequency": 50, "save_most_recent": True,
@@ -88,6 +88,10 @@ def validate(p: dict[str, Any]) -> None:
             raise ValueError(f"{key.replace('_', '-')}: expected an int >= 0, got {p[key]!r}")
     if p["loss"] not in LOSSES:
         raise ValueError(f"loss: expected one of {LOSSES}, got {p['loss']!r}")
+    if p["augment"] not in AUGMENTATIONS:
+        raise ValueError(f"augment: expected one of {AUGMENTATIONS}, got {p['augment']!r}")
+    if not 0 < p["crop_scale"] <= 1:
+        raise ValueError(f"crop-scale: expected a value in (0, 1], got {p['crop_scale']!r}")
     if p["precision"] not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {p['precision']!r}")
     if not p["lr"] > 0:
@@ -177,7 +181,8 @@ class _Run:
 
             self.autocast, self.scaler = contextlib.nullcontext, None
         cfg = self.model_cfg
-        self.preprocess = MultiView(train_transform(cfg["image_size"], cfg["mean"], cfg["std"]), p["nviews"])
+        self.preprocess = MultiView(train_transform(cfg["image_size"], cfg["mean"], cfg["std"], augment=p["augment"],
+                                                    crop_scale=p["crop_scale"]), p["nviews"])
         self.results = Results(self.run_dir, self.is_main, False)
         self.step = 0
         self.first_loader = None

@@ -110,6 +110,8 @@ def test_unlabelled_variant_trains(train_params):
     ({"batch_size": 0}, "batch-size"),
     ({"unlabelled": True, "loss": "ce"}, "unlabelled"),
     ({"image_size": 32}, "image-size"),
+    ({"augment": "autoaugment"}, "augment"),
+    ({"crop_scale": 0.0}, "crop-scale"),
     ({"train_data": None}, "train-data"),
 ])
 def test_bad_input(train_params, overrides, match):
@@ -121,3 +123,20 @@ def test_resume_refuses_another_loss(train_params):
     T.run(train_params(name="a"))
     with pytest.raises(ValueError, match="--loss"):
         T.run(train_params(name="a", resume="latest", loss="ce", epochs=2))
+
+
+def test_views_follow_the_official_pipelines():
+    from torchvision import transforms as TV
+
+    from pyprotoclip.ood.models import MultiView, train_transform
+
+    simclr = [type(t) for t in train_transform(32, (0.5,) * 3, (0.5,) * 3).transforms]
+    assert simclr == [TV.RandomResizedCrop, TV.RandomHorizontalFlip, TV.RandomApply, TV.RandomGrayscale, TV.ToTensor,
+                      TV.Normalize]
+    crop = train_transform(32, (0.5,) * 3, (0.5,) * 3, augment="crop", crop_scale=0.5)
+    assert [type(t) for t in crop.transforms] == [TV.RandomResizedCrop, TV.RandomHorizontalFlip, TV.ToTensor, TV.Normalize]
+    assert crop.transforms[0].scale == (0.5, 1.0)
+    from PIL import Image
+
+    views = MultiView(crop, 2)(Image.new("RGB", (64, 64), (200, 10, 10)))
+    assert views.shape == (2, 3, 32, 32)
