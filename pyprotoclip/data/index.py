@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pyprotoclip.data.pipeline import group_samples, iter_tar_entries
+from pyprotoclip.data.pipeline import _parse, group_samples, iter_tar_entries
 
 logger = logging.getLogger("pyprotoclip.data")
 
@@ -134,6 +134,13 @@ class ShardIndex:
                 raise OSError(f"{self.shards[shard]}: sample {sample['__key__']} is truncated")
             sample[str(self.member_ext[m])] = data
         return sample
+
+    def caption(self, i: int) -> str | None:
+        """Sample i's caption, or None when the sample is damaged or has none (its image is not decoded)."""
+        try:
+            return _parse(self.read(i))[2]
+        except Exception:  # noqa: BLE001 - a damaged sample has no caption
+            return None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -71,7 +71,6 @@ def embed_shards(index, model_path: str, *, shards: Sequence[int], batch_size: i
                  device: str | torch.device = "cpu") -> None:
     """Embed the captions of the given shards of ``index`` (a ShardIndex) and cache them beside each shard."""
     from pyprotoclip.checkpoint import save_checkpoint
-    from pyprotoclip.data.pipeline import _parse
 
     model = None
     for s in shards:
@@ -81,13 +80,7 @@ def embed_shards(index, model_path: str, *, shards: Sequence[int], batch_size: i
         if model is None:
             model = load_sentence_model(model_path, device)
         lo, hi = int(index.starts[s]), int(index.starts[s + 1])
-        captions = []
-        for i in range(lo, hi):
-            try:
-                _, _, caption, _ = _parse(index.read(i))
-            except Exception:  # noqa: BLE001 - a damaged sample: an empty caption, embedded like any other
-                caption = None
-            captions.append(caption or "")
+        captions = [index.caption(i) or "" for i in range(lo, hi)]  # a damaged sample: an empty caption
         feats = model.encode(captions, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
                              show_progress_bar=False).float().cpu()
         save_checkpoint({"keys": [str(k) for k in index.keys[lo:hi]], "features": feats}, path)
