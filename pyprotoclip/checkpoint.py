@@ -12,6 +12,7 @@ labels, ...), ``optimizer``, ``scaler``, ``scheduler``, ``rng`` (one entry per r
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import random
 import re
@@ -19,6 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from pyprotoclip import distributed as pdist
+
+log = logging.getLogger("pyprotoclip.checkpoint")
 
 FORMAT = "pyprotoclip-train-v1"
 LATEST = "epoch_latest.pt"
@@ -134,3 +139,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, world: int) -> dict[str, Any]:
+    """The entries every trainer's checkpoint shares: weights, optimizer, scaler and the RNG state of
+    every rank. A collective under torch.distributed: every rank must call it (each contributes its RNG)."""
+    return {
+        "state_dict": net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": pdist.gather_object(get_rng_state()),
+        "world_size": world,
+    }
+
+
+def restore_training_state(state: dict[str, Any], net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           scaler: Any, *, rank: int, world: int) -> int:
+    """Load what :func:`training_state` saved into a run of ``world`` processes; returns the checkpoint's step.
+
+    The RNG state of ``rank`` is restored only when the checkpoint has one per process of this run."""
+    net.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rngs = state.get("rng") or []
+    if len(rngs) == world:
+        set_rng_state(rngs[rank])
+    else:
+        log.warning("resume: checkpoint has RNG states for %d processes, this run has %d; not restoring RNG", len(rngs), world)
+    return int(state["step"])

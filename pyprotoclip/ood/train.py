@@ -231,19 +231,17 @@ class _Run:
     # ---- checkpoints ------------------------------------------------------------------------------------
 
     def save(self, names: list[str], epochs_done: int) -> None:
-        rng = pdist.gather_object(ckpt.get_rng_state())
+        common = ckpt.training_state(self.net, self.optimizer, self.scaler, self.world)
         if not self.is_main or not names:
             return
         p = self.p
         state = {
             "format": FORMAT, "step": self.step, "epoch": epochs_done, "steps_per_epoch": self.steps_per_epoch,
             "name": p["name"], "model": p["backbone"], "model_cfg": self.model_cfg, "method": p["loss"],
-            "num_classes": self.num_classes, "state_dict": self.net.state_dict(), "method_keys": [],
+            "num_classes": self.num_classes, **common, "method_keys": [],
             "method_state": self.loss_fn.state_dict() if self.loss_fn is not None else {},
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "scheduler": {"kind": "palm-warmup-cosine", "step": self.step, "warmup_epochs": p["warmup_epochs"]},
-            "rng": rng, "world_size": self.world, "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()},
+            "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()},
         }
         for name in names:
             ckpt.save_checkpoint(state, os.path.join(self.ckpt_dir, name))
@@ -262,18 +260,9 @@ class _Run:
                              f"{self.steps_per_epoch}; keep --batch-size, --train-num-samples and the process count")
         if state.get("method") != self.p["loss"]:
             raise ValueError(f"resume: {path} was trained with --loss {state.get('method')}, this run has --loss {self.p['loss']}")
-        self.net.load_state_dict(state["state_dict"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        self.step = ckpt.restore_training_state(state, self.net, self.optimizer, self.scaler, rank=self.rank, world=self.world)
         if self.loss_fn is not None:
             self.loss_fn.load_state_dict(state["method_state"])
-        self.step = int(state["step"])
-        rngs = state.get("rng") or []
-        if len(rngs) == self.world:
-            ckpt.set_rng_state(rngs[self.rank])
-        else:
-            log.warning("resume: checkpoint has RNG states for %d processes, this run has %d; not restoring RNG", len(rngs), self.world)
         log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.step // self.steps_per_epoch)
 
     # ---- one step ---------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import os
 from typing import Any
 
 from pyprotoclip import checkpoint as ckpt
-from pyprotoclip import distributed as pdist
 from pyprotoclip.train.reporting import log
 from pyprotoclip.train.setup import TrainRun
 
@@ -15,20 +14,18 @@ from pyprotoclip.train.setup import TrainRun
 def save(run: TrainRun, names: list[str], epochs_done: int) -> None:
     """Write checkpoint ``names`` (in the run's checkpoint dir) on rank 0; every rank must call it
     (each contributes its RNG state)."""
-    rng = pdist.gather_object(ckpt.get_rng_state())
+    common = ckpt.training_state(run.net, run.optimizer, run.scaler, run.world)
     method_state = run.method.state_dict()
     if not run.is_main or not names:
         return
     state = {
         "format": ckpt.FORMAT, "step": run.step, "epoch": epochs_done, "steps_per_epoch": run.steps_per_epoch,
         "name": run.p["name"], "model": run.p["model"], "model_cfg": run.model_cfg, "method": run.p["method"],
-        "state_dict": run.net.state_dict(),
+        **common,
         "method_keys": run.method_keys,
         "method_state": method_state,
-        "optimizer": run.optimizer.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "scheduler": {"kind": run.p["lr_scheduler"], "step": run.step, "total_steps": run.total_steps},
-        "rng": rng, "world_size": run.world, "params": dict(run.p),
+        "params": dict(run.p),
     }
     for name in names:
         path = os.path.join(run.ckpt_dir, name)
@@ -49,15 +46,6 @@ def resume(run: TrainRun) -> None:
         )
     if state.get("method", "clip") != run.p["method"]:
         raise ValueError(f"resume: {path} was trained with --method {state.get('method')}, this run has --method {run.p['method']}")
-    run.net.load_state_dict(state["state_dict"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    if run.scaler is not None and state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
+    run.step = ckpt.restore_training_state(state, run.net, run.optimizer, run.scaler, rank=run.rank, world=run.world)
     run.method.load_state_dict(state.get("method_state") or {})
-    run.step = int(state["step"])
-    rngs = state.get("rng") or []
-    if len(rngs) == run.world:
-        ckpt.set_rng_state(rngs[run.rank])
-    else:
-        log.warning("resume: checkpoint has RNG states for %d processes, this run has %d; not restoring RNG", len(rngs), run.world)
     log.info("resumed from %s at step %d (epoch %d)", path, run.step, run.step // run.steps_per_epoch)
