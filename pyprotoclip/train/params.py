@@ -54,6 +54,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("lr-cooldown-end", float, 0.0, "const-cooldown: final learning rate."),
     Flag("lr-cooldown-power", float, 1.0, "const-cooldown: power of the polynomial cool-down."),
     Flag("grad-clip-norm", float, None, "Clip the global gradient norm to this value."),
+    Flag("max-nonfinite", int, 20, "A step whose loss (or, without the fp16 GradScaler, gradient norm) is NaN/Inf is "
+         "skipped: no update, while the step number and LR schedule move on. Stop after this many skipped steps in a "
+         "row (0: never stop)."),
     Flag("accum-freq", int, 1, "Micro-batches per optimizer step (open_clip-style feature caching, exact gradient)."),
     Flag("precision", tuple(PRECISIONS), "amp", "Floating point precision (amp on CPU runs fp32)."),
     Flag("grad-checkpointing", bool, False, "Recompute activations in backward to save memory."),
@@ -179,7 +182,8 @@ def validate(p: dict[str, Any]) -> None:
     for key in ("batch_size", "epochs", "accum_freq", "log_every_n_steps"):
         if p[key] is None or p[key] < 1:
             raise ValueError(f"{FLAG_BY_KEY[key].name}: expected a positive integer, got {p[key]!r}")
-    for key in ("workers", "warmup", "save_frequency", "save_every_n_steps", "val_frequency", "zeroshot_frequency"):
+    for key in ("workers", "warmup", "save_frequency", "save_every_n_steps", "val_frequency", "zeroshot_frequency",
+                "max_nonfinite"):
         if p[key] is None or p[key] < 0:
             raise ValueError(f"{FLAG_BY_KEY[key].name}: expected an integer >= 0, got {p[key]!r}")
     if p["lr"] is not None and p["lr"] < 0:
