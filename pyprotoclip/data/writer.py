@@ -6,11 +6,13 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 import time
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 from PIL import Image
 
 IMAGE_FILE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -126,12 +128,13 @@ class _Progress:
 
 def _write_samples(rows: Iterable[tuple[str, str, str, int | None]], out_dir: str, samples_per_shard: int, total: int | None,
                    label: str, progress: bool, extra: Callable[[tuple], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """rows: (key, image path, caption, class index or None). Unreadable images are skipped and reported."""
+    """rows: (key, image path, caption, class index or None, ...); ``extra(row)`` gives more members for a sample.
+    Unreadable images are skipped and reported."""
     prog = _Progress(label, total, progress)
     bad: list[str] = []
     with ShardWriter(out_dir, samples_per_shard) as w:
         for row in rows:
-            key, path, caption, cls = row
+            key, path, caption, cls = row[:4]
             try:
                 ext, data = _image_member(path)
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -153,41 +156,157 @@ def _write_samples(rows: Iterable[tuple[str, str, str, int | None]], out_dir: st
     return {"out_dir": w.out_dir, "shards": w.spec(), "num_samples": w.total, "num_shards": len(w.sizes), "skipped": bad}
 
 
-def csv_rows(csv_path: str, *, img_key: str = "filepath", caption_key: str = "title", sep: str = "\t") -> tuple[list[tuple[str, str]], int]:
-    """(image path, caption) pairs from a CSV/TSV with a header row; relative paths are relative to the CSV's folder.
+def _order(n: int, seed: int | None) -> list[int]:
+    """The order samples are written in: input order when seed is None, else a permutation of range(n) from numpy's
+    PCG64 seeded with ``seed`` (the same seed gives the same order on every platform and numpy version)."""
+    if seed is None:
+        return list(range(n))
+    return np.random.default_rng(seed).permutation(n).tolist()
 
-    Returns (rows, number of rows without an image path or caption). ValueError if a column is missing.
+
+def _few(names: Iterable[str], n: int = 5) -> str:
+    names = list(names)
+    more = f", ... ({len(names)} in all)" if len(names) > n else ""
+    return ", ".join(repr(x) for x in names[:n]) + more
+
+
+def read_names_file(path: str, what: str = "classnames") -> list[str]:
+    """Non-empty stripped lines of a UTF-8 file, one class name per line. ValueError if it is empty or repeats a name."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what}: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if not names:
+        raise ValueError(f"{what}: {path} has no names (expected one class name per line)")
+    seen: set[str] = set()
+    dups = [x for x in names if x in seen or seen.add(x)]
+    if dups:
+        raise ValueError(f"{what}: {path} lists {_few(dict.fromkeys(dups))} more than once (expected each class once)")
+    return names
+
+
+def _write_zeroshot_files(out_dir: str, classnames: list[str], templates: list[str]) -> None:
+    for fname, lines in (("classnames.txt", classnames), ("templates.txt", templates)):
+        with open(os.path.join(out_dir, fname), "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def _check_templates(templates: Iterable[str]) -> list[str]:
+    templates = list(templates)
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError(f"templates: expected templates containing '{{}}', got {templates}")
+    return templates
+
+
+_INT = re.compile(r"[+-]?[0-9]+")
+
+
+def csv_records(csv_path: str, *, img_key: str = "filepath", caption_key: str = "title", label_key: str | None = None,
+                sep: str = "\t") -> tuple[list[tuple[str, str, str | None, int]], int]:
+    """(image path, caption, label value or None, line number) for each row of a CSV/TSV with a header row; relative
+    paths are relative to the CSV's folder.
+
+    Rows without an image path or caption are left out and counted: returns (records, that count). ValueError if a
+    column is missing or, with ``label_key``, a kept row's label cell is empty (the message names the line).
     """
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"csv: {csv_path} not found")
     base = os.path.dirname(os.path.abspath(csv_path))
-    rows: list[tuple[str, str]] = []
+    records: list[tuple[str, str, str | None, int]] = []
     empty = 0
     with open(csv_path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter=sep)
         fields = reader.fieldnames or []
-        for name, key in (("img_key", img_key), ("caption_key", caption_key)):
-            if key not in fields:
+        for name, key in (("img_key", img_key), ("caption_key", caption_key), ("label_key", label_key)):
+            if key is not None and key not in fields:
                 raise ValueError(f"{name}: column {key!r} not in {csv_path} (columns: {fields}; separator {sep!r}, use --sep for another)")
         for r in reader:
             p, c = (r.get(img_key) or "").strip(), (r.get(caption_key) or "").strip()
             if not p or not c:
                 empty += 1
                 continue
-            rows.append((p if os.path.isabs(p) else os.path.join(base, p), c))
-    return rows, empty
+            label = None
+            if label_key is not None:
+                label = (r.get(label_key) or "").strip()
+                if not label:
+                    raise ValueError(f"label_key: line {reader.line_num} of {csv_path}: column {label_key!r} is empty "
+                                     "(expected a class name or an integer id)")
+            records.append((p if os.path.isabs(p) else os.path.join(base, p), c, label, reader.line_num))
+    return records, empty
+
+
+def csv_rows(csv_path: str, *, img_key: str = "filepath", caption_key: str = "title", sep: str = "\t") -> tuple[list[tuple[str, str]], int]:
+    """(image path, caption) pairs from a CSV/TSV with a header row; relative paths are relative to the CSV's folder.
+
+    Returns (rows, number of rows without an image path or caption). ValueError if a column is missing.
+    """
+    records, empty = csv_records(csv_path, img_key=img_key, caption_key=caption_key, sep=sep)
+    return [(p, c) for p, c, _, _ in records], empty
+
+
+def csv_labels(values: list[tuple[str, int]], *, column: str, source: str,
+               classnames: list[str] | None = None) -> tuple[list[int], list[str], str]:
+    """Class indices for the label cells ``values`` ((cell, line number) pairs) of ``column`` in ``source``.
+
+    If every cell is an integer, the cells are ids and ``classnames`` (required) gives their names: line i of the
+    file is the name of id i. Otherwise the cells are class names: their index in ``classnames`` when given (every
+    name must be in it; it may list classes with no row), else in the sorted list of the distinct names.
+    Returns (indices, class names, "ids" or "names"). ValueError naming the line for a bad cell.
+    """
+    if all(_INT.fullmatch(v) for v, _ in values):
+        if classnames is None:
+            raise ValueError(f"classnames: column {column!r} of {source} holds integer ids; give their names with a "
+                             "classnames file (line i = the name of id i)")
+        out = []
+        for v, line in values:
+            i = int(v)
+            if not 0 <= i < len(classnames):
+                raise ValueError(f"label_key: line {line} of {source}: id {v} in column {column!r} is outside 0..{len(classnames) - 1} "
+                                 f"(the classnames file has {len(classnames)} names)")
+            out.append(i)
+        return out, list(classnames), "ids"
+    names = list(classnames) if classnames is not None else sorted({v for v, _ in values})
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    for v, line in values:
+        if v not in index:
+            raise ValueError(f"label_key: line {line} of {source}: class {v!r} in column {column!r} is not in the classnames file")
+        out.append(index[v])
+    return out, names, "names"
 
 
 def write_from_csv(csv_path: str, out_dir: str, *, img_key: str = "filepath", caption_key: str = "title", sep: str = "\t",
-                   samples_per_shard: int = 1000, progress: bool = True) -> dict[str, Any]:
+                   label_key: str | None = None, classnames_file: str | None = None,
+                   templates: Iterable[str] = DEFAULT_FOLDER_TEMPLATES, samples_per_shard: int = 1000, seed: int | None = 0,
+                   progress: bool = True) -> dict[str, Any]:
     """Shards + sizes.json from a CSV/TSV of image paths and captions (open_clip's --csv-img-key/--csv-caption-key
-    defaults). Returns a summary dict (shards spec, counts, skipped files)."""
-    rows, empty = csv_rows(csv_path, img_key=img_key, caption_key=caption_key, sep=sep)
-    if not rows:
+    defaults). Returns a summary dict (shards spec, counts, skipped files).
+
+    With ``label_key``, each sample also gets ``<key>.cls`` from that column (see :func:`csv_labels` for ids vs
+    names), and classnames.txt + templates.txt are written beside the shards. Samples are written in a random order
+    drawn from ``seed`` (``None``: the CSV's order); the key of a sample is its index among the CSV's kept rows.
+    """
+    if classnames_file is not None and label_key is None:
+        raise ValueError("classnames: only used with a label column (label_key)")
+    templates = _check_templates(templates)
+    records, empty = csv_records(csv_path, img_key=img_key, caption_key=caption_key, label_key=label_key, sep=sep)
+    if not records:
         raise ValueError(f"csv: no rows with both {img_key!r} and {caption_key!r} in {csv_path}")
-    it = ((f"{i:09d}", p, c, None) for i, (p, c) in enumerate(rows))
-    summary = _write_samples(it, out_dir, samples_per_shard, len(rows), "from-csv", progress)
+    labels: list[int | None] = [None] * len(records)
+    names, kind = None, None
+    if label_key is not None:
+        given = read_names_file(classnames_file) if classnames_file is not None else None
+        labels, names, kind = csv_labels([(lab, line) for _, _, lab, line in records], column=label_key, source=csv_path,
+                                         classnames=given)
+    it = ((f"{i:09d}", records[i][0], records[i][1], labels[i]) for i in _order(len(records), seed))
+    summary = _write_samples(it, out_dir, samples_per_shard, len(records), "from-csv", progress)
     summary["rows_without_image_or_caption"] = empty
+    summary["order"] = "input" if seed is None else f"seed {seed}"
+    if names is not None:
+        _write_zeroshot_files(summary["out_dir"], names, templates)
+        summary["labels"] = kind
+        summary["classnames"] = names
     return summary
 
 
@@ -213,26 +332,82 @@ def _class_phrase(folder_name: str) -> str:
     return folder_name.replace("_", " ").strip()
 
 
+def folder_class_order(folders: list[str], classnames_file: str, root: str) -> list[int]:
+    """For each class folder, its index in the classnames file. A line names a folder as it is or with spaces for
+    '_' ("golden_retriever" or "golden retriever"). ValueError naming the folders with no line and the lines with no
+    folder."""
+    lines = read_names_file(classnames_file)
+    pos = {_class_phrase(x): i for i, x in enumerate(lines)}
+    if len(pos) != len(lines):
+        raise ValueError(f"classnames: {classnames_file} lists a class twice (once with '_', once with spaces)")
+    missing = [c for c in folders if _class_phrase(c) not in pos]
+    phrases = {_class_phrase(c) for c in folders}
+    extra = [x for x in lines if _class_phrase(x) not in phrases]
+    problems = []
+    if missing:
+        problems.append(f"folder(s) with no line in {classnames_file}: {_few(missing)}")
+    if extra:
+        problems.append(f"name(s) in {classnames_file} with no folder under {root}: {_few(extra)}")
+    if problems:
+        raise ValueError("classnames: " + "; ".join(problems))
+    return [pos[_class_phrase(c)] for c in folders]
+
+
+def caption_file_lines(image_path: str) -> list[str] | None:
+    """The non-empty stripped lines of the caption file beside an image (``img.jpg`` -> ``img.txt``, img2dataset's
+    convention), or None when there is none. ValueError if it is not UTF-8 text."""
+    path = os.path.splitext(image_path)[0] + ".txt"
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"root: caption file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
 def write_from_folder(root: str, out_dir: str, *, samples_per_shard: int = 1000, templates: Iterable[str] = DEFAULT_FOLDER_TEMPLATES,
-                      progress: bool = True) -> dict[str, Any]:
+                      classnames_file: str | None = None, seed: int | None = 0, progress: bool = True) -> dict[str, Any]:
     """Shards + sizes.json + classnames.txt + templates.txt from an ImageFolder (root/<class>/<image>).
 
-    Class names are the folder names with '_' as spaces, labels their sorted index; each caption is a template
-    filled with the class name, picked by the sample's index (so the output is reproducible).
+    Class names are the folder names with '_' as spaces. Labels are the index of the folder name in sorted
+    (alphabetical, code-point) order, or its line in ``classnames_file`` when given (which must name every folder and
+    nothing else); classnames.txt lists the names in label order. An image's caption is the first non-empty line of
+    its caption file (``img.jpg`` + ``img.txt``) when it has one, all its lines kept in ``<key>.json`` as
+    {"captions": [...]} when there are several; otherwise a template filled with the class name, picked by the
+    image's index. Samples are written in a random order drawn from ``seed`` (``None``: class by class, as listed);
+    the key of a sample is its index in the sorted listing. The same inputs and seed give the same bytes.
     """
-    templates = list(templates)
-    if not templates or any("{}" not in t for t in templates):
-        raise ValueError(f"templates: expected templates containing '{{}}', got {templates}")
-    classes, items = folder_items(root)
-    names = [_class_phrase(c) for c in classes]
+    templates = _check_templates(templates)
+    folders, items = folder_items(root)
+    names = [_class_phrase(c) for c in folders]
+    if classnames_file is not None:
+        order = folder_class_order(folders, classnames_file, root)
+        ordered = [""] * len(folders)
+        for ci, li in enumerate(order):
+            ordered[li] = names[ci]
+        names = ordered
+        items = [(p, order[ci]) for p, ci in items]
+    rows: list[tuple[str, str, str, int, dict[str, Any]]] = []
+    own = empty_files = 0
+    for i, (path, ci) in enumerate(items):
+        lines = caption_file_lines(path)
+        extra: dict[str, Any] = {}
+        if lines:
+            own += 1
+            caption = lines[0]
+            if len(lines) > 1:
+                extra["json"] = json.dumps({"captions": lines}, ensure_ascii=False)
+        else:
+            empty_files += lines is not None
+            caption = templates[i % len(templates)].format(names[ci])
+        rows.append((f"{i:09d}", path, caption, ci, extra))
 
-    def rows() -> Iterator[tuple[str, str, str, int]]:
-        for i, (path, ci) in enumerate(items):
-            yield f"{i:09d}", path, templates[i % len(templates)].format(names[ci]), ci
-
-    summary = _write_samples(rows(), out_dir, samples_per_shard, len(items), "from-folder", progress)
-    for fname, lines in (("classnames.txt", names), ("templates.txt", templates)):
-        with open(os.path.join(summary["out_dir"], fname), "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+    it = (rows[j] for j in _order(len(rows), seed))
+    summary = _write_samples(it, out_dir, samples_per_shard, len(rows), "from-folder", progress, extra=lambda row: row[4])
+    _write_zeroshot_files(summary["out_dir"], names, templates)
     summary["classnames"] = names
+    summary["own_captions"] = own
+    summary["empty_caption_files"] = empty_files
+    summary["order"] = "input" if seed is None else f"seed {seed}"
     return summary

@@ -63,7 +63,8 @@ def test_from_csv_round_trip(tmp_path):
     lines.append("\tno path")
     (tmp_path / "data.tsv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "shards"
-    r = run("from-csv", "--csv", str(tmp_path / "data.tsv"), "--out", str(out), "--samples-per-shard", "2", "--json", "--quiet")
+    r = run("from-csv", "--csv", str(tmp_path / "data.tsv"), "--out", str(out), "--samples-per-shard", "2", "--keep-order", "--json",
+            "--quiet")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["num_samples"] == 5 and summary["num_shards"] == 3 and len(summary["skipped"]) == 1
@@ -86,7 +87,7 @@ def test_from_csv_round_trip(tmp_path):
 def test_from_csv_errors(tmp_path):
     (tmp_path / "a.csv").write_text("path,text\nx.png,hello\n")
     r = CliRunner().invoke(main, ["data", "from-csv", "--csv", str(tmp_path / "a.csv"), "--out", str(tmp_path / "o"), "--sep", ","])
-    assert r.exit_code == 1 and "img_key: column 'filepath' not in" in r.output
+    assert r.exit_code == 1 and "--img-key: column 'filepath' not in" in r.output
     r = CliRunner().invoke(main, ["data", "from-csv", "--csv", str(tmp_path / "a.csv"), "--out", str(tmp_path / "o"), "--sep", ",",
                                   "--img-key", "path", "--caption-key", "text"])
     assert r.exit_code == 1 and "no sample could be written" in r.output
@@ -104,9 +105,9 @@ def test_from_folder_round_trip(tmp_path):
             save_image(root / c / f"{i}.jpg", i, "JPEG")
     (root / "cat" / "notes.txt").write_text("not an image")
     out = tmp_path / "shards"
-    r = run("from-folder", "--root", str(root), "--out", str(out), "--quiet")
+    r = run("from-folder", "--root", str(root), "--out", str(out), "--keep-order", "--quiet")
     assert r.exit_code == 0, r.output
-    assert "wrote 5 samples in 1 shard(s)" in r.output
+    assert "wrote 5 samples in 1 shard(s)" in r.output and "order: as listed" in r.output
     names, templates = read_zeroshot_files(str(out / "00000.tar"))
     assert names == ["cat", "golden retriever"] and "a photo of a {}." in templates
     (b,) = list(build_loader(DataConfig(str(out / "00000.tar"), batch_size=8, workers=0, drop_last=False),
