@@ -101,7 +101,7 @@ _TEMPLATES_HELP = "Prompt templates for templates.txt, one per line with '{}' [d
 @click.option("--label-key", default=None,
               help="Column of class labels, written as <key>.cls, with classnames.txt + templates.txt. If every value is an "
                    "integer they are ids (0-based) and --classnames is required; otherwise they are class names, "
-                   "labelled by their sorted order (or their line in --classnames).")
+                   "labelled by their index in sorted (code-point) order, as from-folder does, or by their line in --classnames.")
 @click.option("--classnames", "classnames_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Class names, one per line, in label order: line i names id i. With name labels, every name in the "
                    "column must be in it (it may list more).")

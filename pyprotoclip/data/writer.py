@@ -10,7 +10,7 @@ import re
 import sys
 import tarfile
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from PIL import Image
