@@ -11,6 +11,9 @@ import torch
 
 from pyprotoclip.eval.metrics import evaluate_model
 
+# training samples whose image features the linear probe is fitted on, by default (0: all)
+DEFAULT_PROBE_TRAIN_SAMPLES = 10_000
+
 
 def _read_lines(path: str, what: str) -> list[str]:
     if not os.path.isfile(path):
@@ -53,15 +56,22 @@ def evaluate(
     workers: int = 2,
     num_samples: int | None = None,
     probe_test_fraction: float = 0.5,
-    probe_c: float = 1.0,
+    probe_c: float | None = None,
+    train_data: str | None = None,
+    train_num_samples: int | None = DEFAULT_PROBE_TRAIN_SAMPLES,
     seed: int = 0,
     out_dir: str | None = None,
     plot: bool = True,
     device: str = "cpu",
     build_loader=None,
 ) -> dict[str, Any]:
-    """Run every metric; append a row to ``<out_dir>/results.jsonl`` and draw ``eval-<ckpt>.png``.
+    """Run every metric the data allows; append a row to ``<out_dir>/results.jsonl`` and draw ``eval-<ckpt>.png``.
 
+    Retrieval needs only image-caption pairs; zero-shot needs class labels and class names (from the
+    files or beside the shards), the linear probe class labels. What the data does not allow is
+    skipped and named in "skipped". With ``train_data``, the linear probe is fitted on the image
+    features of the first ``train_num_samples`` samples of those shards (None or 0: all of them) and
+    tested on ``data``; without it, on a split of ``data``.
     out_dir defaults to the run directory when the checkpoint lies in ``<run>/checkpoints/``,
     else the checkpoint's directory. Returns the metrics dict (with "plot" and "results" paths).
     """
@@ -73,20 +83,45 @@ def evaluate(
 
     if (classnames_file is None) != (templates_file is None):
         raise ValueError("classnames/templates: give both --classnames and --templates, or neither")
+    no_classnames = None
     if classnames_file:
         classnames, templates = _read_lines(classnames_file, "classnames"), _read_lines(templates_file, "templates")
     else:
-        classnames, templates = pdata.read_zeroshot_files(data)
+        try:
+            classnames, templates = pdata.read_zeroshot_files(data)
+        except FileNotFoundError:
+            classnames = templates = None
+            no_classnames = "no classnames.txt / templates.txt beside the shards; pass --classnames and --templates"
     cfg = pdata.DataConfig(shards=data, batch_size=batch_size, workers=workers, num_samples=num_samples, seed=seed, drop_last=False)
     loader = build_loader(cfg, preprocess=preprocess_val, tokenize=tokenizer, is_train=False)
+    probe_train = None
+    if train_data:
+        from pyprotoclip.eval.features import extract_features
+
+        cap = train_num_samples or None
+        tcfg = pdata.DataConfig(shards=train_data, batch_size=batch_size, workers=workers, num_samples=cap, seed=seed,
+                                drop_last=False)
+        tloader = build_loader(tcfg, preprocess=preprocess_val, tokenize=tokenizer, is_train=False)
+        probe_train = extract_features(model, tloader, device=device, max_samples=cap)
+        if not bool((probe_train["labels"] >= 0).any()):
+            raise ValueError(f"train-data: no sample of {train_data!r} has a class label; the linear probe needs labels")
     metrics, details = evaluate_model(
         model, loader, tokenizer=tokenizer, device=device, classnames=classnames, templates=templates, linear_probe=True,
-        probe_test_fraction=probe_test_fraction, probe_c=probe_c, seed=seed,
+        probe_test_fraction=probe_test_fraction, probe_c=probe_c, probe_train=probe_train, seed=seed,
     )
-    if "zeroshot" not in details:
-        raise ValueError("labels: no sample has a class label (all -1); zero-shot needs labelled data")
+    skipped = []
+    for line in details["skipped"]:
+        if no_classnames and line.startswith("zero-shot ("):
+            line = f"zero-shot ({no_classnames})"
+        elif classnames is None and line.startswith("zero-shot and"):
+            line += "; zero-shot also needs class names"
+        skipped.append(line)
     results: dict[str, Any] = {"checkpoint": os.path.abspath(checkpoint), "data": data, **{f"ckpt_{k}": v for k, v in meta.items()}}
     results.update(metrics)
+    if train_data:
+        results["linear_probe_train_data"] = train_data
+    if skipped:
+        results["skipped"] = skipped
     results["eval_seconds"] = time.time() - t0
 
     ckpt_dir = os.path.dirname(os.path.abspath(checkpoint))
@@ -102,9 +137,11 @@ def evaluate(
 
         stem = os.path.splitext(os.path.basename(checkpoint))[0]
         png = os.path.join(out_dir, f"eval-{stem}.png")
-        zs = details["zeroshot"]
-        cm = confusion_matrix(zs["target"].numpy(), zs["pred"].numpy(), labels=list(range(len(classnames))))
-        summary_plot(png, confusion=cm, classnames=classnames, run_dir=out_dir, metrics=results)
+        cm = None
+        if "zeroshot" in details:
+            zs = details["zeroshot"]
+            cm = confusion_matrix(zs["target"].numpy(), zs["pred"].numpy(), labels=list(range(len(classnames))))
+        summary_plot(png, confusion=cm, classnames=classnames or [], run_dir=out_dir, metrics=results)
         results["plot"] = png
     row = {"type": "eval", **{k: v for k, v in results.items() if k != "results"}}
     with open(results_path, "a") as f:
@@ -140,3 +177,17 @@ def format_table(results: dict[str, Any]) -> str:
     if "modality_gap" in results:
         lines.append(f"{'modality gap':<{width}}  {results['modality_gap']:.3f}")
     return "\n".join(lines)
+
+
+def format_notes(results: dict[str, Any]) -> list[str]:
+    """One line each: how the linear probe and retrieval were measured, and what was skipped and why."""
+    notes = []
+    if "linear_probe_protocol" in results:
+        notes.append(f"linear probe: {results['linear_probe_protocol']} ({results['linear_probe_num_train']} training, "
+                     f"{results['linear_probe_num_test']} test samples)")
+    if "retrieval_distinct_captions" in results:
+        notes.append(f"retrieval: {results['retrieval_distinct_captions']} distinct captions among "
+                     f"{results['retrieval_num_captions']}; a caption with the same text as the query's counts as correct")
+    if results.get("skipped"):
+        notes.append(f"skipped: {'; '.join(results['skipped'])}")
+    return notes

@@ -17,6 +17,7 @@ from pyprotoclip.eval.consistency import DEFAULT_KS as CONSISTENCY_KS
 from pyprotoclip.eval.consistency import consistency_scores
 from pyprotoclip.eval.features import extract_features, unwrap
 from pyprotoclip.eval.linear_probe import linear_probe as fit_linear_probe
+from pyprotoclip.eval.linear_probe import linear_probe_train_test
 from pyprotoclip.eval.retrieval import retrieval_recall
 from pyprotoclip.eval.zeroshot import build_classifier, zeroshot_classify
 
@@ -45,7 +46,8 @@ def evaluate_model(
     templates: Sequence[str] | None = None,
     linear_probe: bool = False,
     probe_test_fraction: float = 0.5,
-    probe_c: float = 1.0,
+    probe_c: float | None = None,
+    probe_train: dict[str, Any] | None = None,
     loss_batch_size: int | None = None,
     seed: int = 0,
     consistency_ks: Sequence[int] = CONSISTENCY_KS,
@@ -56,10 +58,14 @@ def evaluate_model(
     of the image embeddings with K = the number of classes (ARI, AMI). With ``loss_batch_size``: the CLIP loss
     over batches of that size (``val_loss``). With class names and templates and labelled samples:
     zero-shot top-1/top-5 (prompt ensembling). With ``linear_probe``: logistic regression on frozen
-    image features (a stratified held-out split of ``probe_test_fraction``). With labelled samples:
+    image features: fitted on ``probe_train`` ({"image_features", "labels"} of a training split, C chosen
+    on a held-out part of it unless ``probe_c``) and tested on the loader's samples, or without it on a
+    stratified split of the loader's samples (``probe_test_fraction`` held out, C = ``probe_c`` or 1).
+    Retrieval counts any caption with the same text as correct when the batches carry captions. With labelled samples:
     CyCLIP's in-modal and (with zero-shot) cross-modal consistency@k for k in ``consistency_ks``
     (:mod:`pyprotoclip.eval.consistency`; kNN leave-one-out within the evaluated set).
-    Returns (metrics: name -> number, details: {"features", "zeroshot" (pred/target) when run}).
+    Returns (metrics: name -> number, details: {"features", "zeroshot" (pred/target) when run,
+    "skipped": one line per metric the data did not allow, with the reason}).
     """
     net = unwrap(model)
     feats = extract_features(net, loader, device=device, autocast=autocast)
@@ -68,12 +74,21 @@ def evaluate_model(
     if loss_batch_size:
         scale = net.logit_scale.exp().detach().float().cpu()
         metrics["val_loss"] = contrastive_loss(feats["image_features"], feats["text_features"], scale, loss_batch_size)
-    metrics.update(retrieval_recall(feats["image_features"], feats["text_features"]))
+    n = metrics["num_samples"]
+    captions = feats["captions"] if len(feats.get("captions") or ()) == n else None
+    metrics.update(retrieval_recall(feats["image_features"], feats["text_features"], captions=captions))
     metrics["modality_gap"] = modality_gap(feats["image_features"], feats["text_features"])
     labels = feats["labels"]
+    labelled = bool((labels >= 0).any())
+    skipped: list[str] = []
+    details["skipped"] = skipped
+    if not labelled:
+        skipped.append("zero-shot and linear probe (no sample has a class label)")
+    elif classnames is None or templates is None:
+        skipped.append("zero-shot (no class names / templates)")
     if int(torch.unique(labels[labels >= 0]).numel()) >= 2 and int((labels >= 0).sum()) > int(torch.unique(labels).numel()):
         metrics.update(clustering_scores(feats["image_features"], labels, seed=seed))
-    if classnames is not None and templates is not None and bool((labels >= 0).any()):
+    if classnames is not None and templates is not None and labelled:
         if int(labels.max()) >= len(classnames):
             raise ValueError(f"classnames: the data has label {int(labels.max())} but only {len(classnames)} class names were given")
         with torch.no_grad(), (autocast or contextlib.nullcontext)():
@@ -85,8 +100,20 @@ def evaluate_model(
     if consistency_ks and int((labels >= 0).sum()) >= 2:
         metrics.update(consistency_scores(feats["image_features"], feats["text_features"], labels, ks=consistency_ks,
                                           classifier=w if "zeroshot" in details else None))
-    if linear_probe:
-        probe = fit_linear_probe(feats["image_features"], labels, test_fraction=probe_test_fraction, seed=seed, C=probe_c)
-        metrics.update(linear_probe_top1=probe["top1"], linear_probe_train_top1=probe["train_top1"],
-                       linear_probe_num_train=probe["num_train"], linear_probe_num_test=probe["num_test"])
+    if linear_probe and labelled:
+        if probe_train is not None:
+            probe = linear_probe_train_test(probe_train["image_features"], probe_train["labels"], feats["image_features"],
+                                            labels, C=probe_c, seed=seed)
+        elif len(torch.unique(labels[labels >= 0])) < 2:
+            probe = None
+            skipped.append("linear probe (the evaluation data has a single class; give a training split)")
+        else:
+            probe = fit_linear_probe(feats["image_features"], labels, test_fraction=probe_test_fraction, seed=seed,
+                                     C=1.0 if probe_c is None else probe_c)
+        if probe is not None:
+            metrics.update(linear_probe_top1=probe["top1"], linear_probe_train_top1=probe["train_top1"],
+                           linear_probe_num_train=probe["num_train"], linear_probe_num_test=probe["num_test"],
+                           linear_probe_c=probe["C"], linear_probe_protocol=probe["protocol"])
+            if "c_sweep" in probe:
+                metrics["linear_probe_c_sweep"] = {f"{c:g}": acc for c, acc in probe["c_sweep"].items()}
     return metrics, details

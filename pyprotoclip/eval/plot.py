@@ -26,13 +26,14 @@ def read_results(run_dir: str) -> list[dict[str, Any]]:
 def summary_plot(
     path: str,
     *,
-    confusion: np.ndarray,
+    confusion: np.ndarray | None,
     classnames: list[str],
     run_dir: str | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> str:
-    """Draw the confusion matrix (rows: true class, normalised) and, when the run's results.jsonl
-    has training rows, the loss / logit-scale and validation curves. Returns ``path``."""
+    """Draw the zero-shot confusion matrix (rows: true class, normalised; a note when ``confusion`` is
+    None, e.g. data without labels) and, when the run's results.jsonl has training rows, the loss /
+    logit-scale and validation curves. Returns ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,20 +47,25 @@ def summary_plot(
     axes = axes[0]
 
     ax = axes[0]
-    cm = confusion.astype(float)
-    cm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
-    ticks = np.arange(len(classnames))
-    small = max(4, min(9, int(180 / max(len(classnames), 1))))
-    ax.set_xticks(ticks, classnames, rotation=90, fontsize=small)
-    ax.set_yticks(ticks, classnames, fontsize=small)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    title = "zero-shot confusion"
-    if metrics and "zeroshot_top1" in metrics:
-        title += f" (top-1 {100 * metrics['zeroshot_top1']:.1f}%)"
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    if confusion is None:
+        ax.axis("off")
+        why = "; ".join((metrics or {}).get("skipped") or ["not run"])
+        ax.text(0.5, 0.5, f"zero-shot skipped:\n{why}", ha="center", va="center", wrap=True, transform=ax.transAxes)
+    else:
+        cm = confusion.astype(float)
+        cm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
+        ticks = np.arange(len(classnames))
+        small = max(4, min(9, int(180 / max(len(classnames), 1))))
+        ax.set_xticks(ticks, classnames, rotation=90, fontsize=small)
+        ax.set_yticks(ticks, classnames, fontsize=small)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        title = "zero-shot confusion"
+        if metrics and "zeroshot_top1" in metrics:
+            title += f" (top-1 {100 * metrics['zeroshot_top1']:.1f}%)"
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax, fraction=0.046)
 
     i = 1
     if train:
@@ -74,7 +80,9 @@ def summary_plot(
         ax2 = ax.twinx()
         ax2.plot(steps, [r["scale"] for r in train], color="C2", alpha=0.6, label="logit scale")
         ax2.set_ylabel("logit scale")
-        ax.legend(loc="upper right")
+        handles, labels = ax.get_legend_handles_labels()
+        handles2, labels2 = ax2.get_legend_handles_labels()
+        ax.legend(handles + handles2, labels + labels2, loc="upper right")  # one legend for both axes
         ax.set_title("training")
     if val:
         ax = axes[i]
@@ -89,6 +97,6 @@ def summary_plot(
         ax.legend()
         ax.set_title("validation")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long class names: keep the rotated ticks and "predicted"
     plt.close(fig)
     return path

@@ -84,3 +84,80 @@ def test_eval_on_a_file_that_is_not_a_checkpoint(tmp_path, fake_pdata):
 def test_eval_help():
     r = CliRunner().invoke(main, ["eval", "--help"])
     assert r.exit_code == 0 and "--checkpoint" in r.output and "--data" in r.output and "--model" in r.output
+
+
+def test_eval_without_labels_reports_retrieval_and_says_what_was_skipped(tmp_path, monkeypatch, fake_pdata):
+    import pyprotoclip.data as pdata
+
+    def unlabelled(cfg, **kw):
+        for batch in fake_data.build_loader(cfg, **kw):
+            yield {**batch, "label": torch.full_like(batch["label"], -1)}
+
+    monkeypatch.setattr(pdata, "build_loader", unlabelled)
+
+    def no_files(spec):
+        raise FileNotFoundError("not found")
+
+    monkeypatch.setattr(pdata, "read_zeroshot_files", no_files)
+    path, _ = _checkpoint(tmp_path)
+    r = CliRunner().invoke(main, ["eval", "--checkpoint", str(path), "--data", "fake", "--workers", "0", "--batch-size", "16"])
+    assert r.exit_code == 0, r.output
+    assert "image->text R@1" in r.output and "zero-shot top-1" not in r.output and "linear probe top-1" not in r.output
+    skipped = [line for line in r.output.splitlines() if line.startswith("skipped:")]
+    assert skipped == ["skipped: zero-shot and linear probe (no sample has a class label); zero-shot also needs class names"]
+    ev = json.loads(open(tmp_path / "run" / "results.jsonl").read().splitlines()[-1])
+    assert "zeroshot_top1" not in ev and "linear_probe_top1" not in ev and 0 <= ev["mean_recall"] <= 1
+    assert ev["skipped"] == ["zero-shot and linear probe (no sample has a class label); zero-shot also needs class names"]
+    assert (tmp_path / "run" / "eval-epoch_1.png").stat().st_size > 1000
+
+
+def test_eval_without_classnames_skips_zero_shot_only(tmp_path, monkeypatch, fake_pdata):
+    import pyprotoclip.data as pdata
+
+    def no_files(spec):
+        raise FileNotFoundError("not found")
+
+    monkeypatch.setattr(pdata, "read_zeroshot_files", no_files)
+    path, _ = _checkpoint(tmp_path)
+    r = CliRunner().invoke(main, ["eval", "--checkpoint", str(path), "--data", "fake", "--workers", "0", "--batch-size", "16",
+                                  "--no-plot"])
+    assert r.exit_code == 0, r.output
+    assert "linear probe top-1" in r.output and "zero-shot top-1" not in r.output
+    assert ("skipped: zero-shot (no classnames.txt / templates.txt beside the shards; pass --classnames and --templates)"
+            in r.output.splitlines())
+
+
+def test_eval_names_the_probe_protocol_and_the_distinct_captions(tmp_path, fake_pdata):
+    path, _ = _checkpoint(tmp_path)
+    args = ["eval", "--checkpoint", str(path), "--data", "fake", "--workers", "0", "--batch-size", "16", "--no-plot"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "linear probe: 50/50 split of the evaluation data, C=1 (32 training, 32 test samples)" in r.output
+    # the fake data's captions are "class 0" .. "class 3": 4 distinct texts among 64
+    assert "retrieval: 4 distinct captions among 64" in r.output
+    # with a training split (the fake loader yields the same 64 samples for any spec; capped at 40 here)
+    r = CliRunner().invoke(main, args + ["--train-data", "faketrain", "--train-num-samples", "40"])
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("linear probe:"))
+    assert line.startswith("linear probe: train->eval, C=") and "chosen on a 20% held-out part of the training split" in line
+    assert "(40 training, 64 test samples)" in line
+    ev = json.loads(open(tmp_path / "run" / "results.jsonl").read().splitlines()[-1])
+    assert ev["linear_probe_protocol"].startswith("train->eval, C=") and ev["linear_probe_train_data"] == "faketrain"
+    assert ev["linear_probe_num_train"] == 40 and ev["linear_probe_num_test"] == 64 and len(ev["linear_probe_c_sweep"]) == 11
+    assert ev["retrieval_distinct_captions"] == 4 and ev["retrieval_num_captions"] == 64
+    # the alias and an explicit C
+    r = CliRunner().invoke(main, args + ["--probe-train-data", "faketrain", "--train-num-samples", "0", "--probe-c", "0.5", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    assert got["linear_probe_protocol"] == "train->eval, C=0.5 (--probe-c)" and got["linear_probe_num_train"] == 64
+
+
+def test_eval_help_names_the_probe_flags():
+    from pyprotoclip.eval import cli as eval_cli
+    from pyprotoclip.eval import evaluate as ev
+
+    r = CliRunner().invoke(main, ["eval", "--help"])
+    assert r.exit_code == 0
+    for flag in ("--train-data", "--probe-train-data", "--train-num-samples", "--probe-c"):
+        assert flag in r.output
+    assert eval_cli.DEFAULT_PROBE_TRAIN_SAMPLES == ev.DEFAULT_PROBE_TRAIN_SAMPLES

@@ -98,9 +98,46 @@ def test_retrieval_matches_argsort_definition():
             assert out[f"{name}_R@{k}"] == pytest.approx(float((rank < k).float().mean()))
 
 
+def _hand_case():
+    # image i vs text j similarities (times 1/sqrt(2) after normalisation: ranks unchanged); texts are e_j
+    s = torch.tensor([
+        [0.1, 0.9, 0.5, 0.2],
+        [0.8, 0.3, 0.6, 0.1],
+        [0.7, 0.6, 0.5, 0.1],
+        [0.2, 0.1, 0.3, 0.4],
+    ])
+    img = torch.cat([s, (2 - (s**2).sum(1, keepdim=True)).sqrt()], 1)
+    return img, torch.eye(5)[:4]
+
+
+def test_retrieval_counts_any_caption_with_the_same_text():
+    img, txt = _hand_case()
+    captions = ["a red circle", "a red circle", "a blue star", "a green square"]
+    got = retrieval_recall(img, txt, ks=(1, 2, 3), captions=captions)
+    # image->text, correct texts {0, 1} for images 0 and 1: best correct 0.9 and 0.8, both first -> ranks 0, 0;
+    # image 2: text 2 (0.5) below 0.7, 0.6 -> rank 2; image 3: rank 0
+    assert got["image_to_text_R@1"] == pytest.approx(3 / 4)
+    assert got["image_to_text_R@2"] == pytest.approx(3 / 4)
+    assert got["image_to_text_R@3"] == 1.0
+    # text->image by columns: text 0 -> images {0, 1}: 0.8 first; text 1 -> 0.9 first; text 2: image 1 (0.6)
+    # above image 2 (0.5; image 0's 0.5 ties, in its favour) -> rank 1; text 3 first
+    assert got["text_to_image_R@1"] == pytest.approx(3 / 4)
+    assert got["text_to_image_R@2"] == 1.0
+    assert got["retrieval_num_captions"] == 4 and got["retrieval_distinct_captions"] == 3
+    # row pairing only: image ranks 3, 2, 2, 0 and text ranks 3, 2, 1, 0
+    plain = retrieval_recall(img, txt, ks=(1, 2, 3))
+    assert plain["image_to_text_R@1"] == pytest.approx(1 / 4) and plain["image_to_text_R@3"] == pytest.approx(3 / 4)
+    assert plain["text_to_image_R@2"] == pytest.approx(2 / 4) and "retrieval_distinct_captions" not in plain
+    # all captions distinct: the same as row pairing
+    distinct = retrieval_recall(img, txt, ks=(1, 2, 3), captions=["w", "x", "y", "z"])
+    assert {k: v for k, v in distinct.items() if not k.startswith("retrieval_")} == plain
+
+
 def test_retrieval_errors():
     with pytest.raises(ValueError, match="text_features"):
         retrieval_recall(torch.randn(4, 3), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="captions"):
+        retrieval_recall(torch.randn(4, 3), torch.randn(4, 3), captions=["a"] * 3)
 
 
 def test_linear_probe_matches_sklearn():
@@ -147,3 +184,64 @@ def test_clustering_scores_find_separated_classes_and_the_gap_is_a_distance():
     assert abs(shuffled["clustering_ari"]) < 0.1
     # two modalities pointing along e0 and e1: the gap is |e0 - e1| = sqrt(2)
     assert modality_gap(torch.tensor([[2.0, 0.0]] * 3), torch.tensor([[0.0, 3.0]] * 3)) == pytest.approx(2 ** 0.5)
+
+
+def test_linear_probe_train_test_chooses_c_on_held_out_training_rows():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from pyprotoclip.eval.linear_probe import DEFAULT_CS, linear_probe_train_test
+
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(3, 6)) * 1.5
+    y_tr, y_te = np.repeat(np.arange(3), 30), np.repeat(np.arange(3), 10)
+    x_tr = (centers[y_tr] + rng.normal(size=(90, 6))).astype(np.float32)
+    x_te = (centers[y_te] + rng.normal(size=(30, 6))).astype(np.float32)
+    got = linear_probe_train_test(x_tr, y_tr, torch.from_numpy(x_te), torch.from_numpy(y_te), Cs=(0.001, 1.0), seed=0)
+    # the same by hand: fit on 80% of the training rows for each C, keep the best, refit on all 90, test on the 30
+    fit, val = split_indices(y_tr, 0.2, 0)
+    assert len(val) == 18 and np.bincount(y_tr[val]).tolist() == [6, 6, 6]
+    acc = {c: make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000, random_state=0)).fit(x_tr[fit], y_tr[fit])
+           .score(x_tr[val], y_tr[val]) for c in (0.001, 1.0)}
+    assert got["c_sweep"] == pytest.approx(acc)
+    best = min(c for c in acc if acc[c] == max(acc.values()))
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=best, max_iter=1000, random_state=0)).fit(x_tr, y_tr)
+    assert got["C"] == best and got["top1"] == pytest.approx(clf.score(x_te, y_te))
+    assert got["num_train"] == 90 and got["num_test"] == 30
+    assert got["protocol"] == f"train->eval, C={best:.3g} chosen on a 20% held-out part of the training split"
+    fixed = linear_probe_train_test(x_tr, y_tr, x_te, y_te, C=0.25)
+    assert fixed["protocol"] == "train->eval, C=0.25 (--probe-c)" and "c_sweep" not in fixed
+    assert DEFAULT_CS[0] == 0.001 and DEFAULT_CS[5] == pytest.approx(0.316228) and DEFAULT_CS[-1] == 100.0
+    with pytest.raises(ValueError, match="train-data"):
+        linear_probe_train_test(x_tr, np.zeros(90, dtype=int), x_te, y_te)
+
+
+def test_summary_plot_has_one_legend_for_both_axes_and_a_tight_box(tmp_path, monkeypatch):
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from pyprotoclip.eval.plot import summary_plot
+
+    seen = {}
+    real = Figure.savefig
+
+    def spy(self, path, **kw):
+        seen["labels"] = [t.get_text() for ax in self.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+        seen["kw"] = kw
+        return real(self, path, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    (tmp_path / "results.jsonl").write_text("".join(
+        json.dumps({"type": "train", "step": s, "contrastive_loss": 3.0 - s / 10, "scale": 14.0 + s}) + "\n" for s in range(1, 4)))
+    names = [f"a rather long class name {i}" for i in range(3)]
+    summary_plot(str(tmp_path / "p.png"), confusion=np.eye(3, dtype=int), classnames=names, run_dir=str(tmp_path))
+    assert "train loss" in seen["labels"] and "logit scale" in seen["labels"]
+    assert seen["kw"].get("bbox_inches") == "tight"
+    # without a confusion matrix (no labels): still a PNG
+    summary_plot(str(tmp_path / "q.png"), confusion=None, classnames=[], metrics={"skipped": ["zero-shot (no labels)"]})
+    assert (tmp_path / "q.png").stat().st_size > 1000
