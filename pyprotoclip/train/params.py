@@ -41,6 +41,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("dataset-resampled", bool, False, "Sample shards with replacement (an 'epoch' is then --train-num-samples)."),
     Flag("workers", int, 4, "Data-loader worker processes per device."),
     Flag("batch-size", int, 64, "Batch size per device (per process)."),
+    Flag("max-bad-fraction", float, 0.1, "Stop with an error naming the worst shards when more than this fraction of "
+         "the training samples read so far in the epoch is bad (undecodable, no caption, in a damaged shard), once 1000 "
+         "were read (or the epoch's, when fewer), or when damaged shards hold more than it (1: never stop)."),
     # optimisation
     Flag("epochs", int, 32, "Number of epochs."),
     Flag("lr", float, None, "Peak learning rate (default 5e-4, as open_clip)."),
@@ -188,6 +191,8 @@ def validate(p: dict[str, Any]) -> None:
             raise ValueError(f"{FLAG_BY_KEY[key].name}: expected an integer >= 0, got {p[key]!r}")
     if p["lr"] is not None and p["lr"] < 0:
         raise ValueError(f"lr: expected >= 0, got {p['lr']}")
+    if p["max_bad_fraction"] is None or not 0 <= p["max_bad_fraction"] <= 1:
+        raise ValueError(f"max-bad-fraction: expected a fraction in [0, 1] (1: never stop), got {p['max_bad_fraction']!r}")
     if p["grad_clip_norm"] is not None and p["grad_clip_norm"] <= 0:
         raise ValueError(f"grad-clip-norm: expected > 0, got {p['grad_clip_norm']}")
     if p["lr_scheduler"] == "const-cooldown" and not p["epochs_cooldown"]:
