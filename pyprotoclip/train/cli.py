@@ -52,6 +52,8 @@ def train(ctx: click.Context, **given: Any) -> None:
     Several processes: `torchrun --nproc_per_node N -m pyprotoclip train ...` (gloo on CPU, NCCL on GPU).
     Flags follow open_clip's names and defaults; see docs/training.md.
     """
+    from pyprotoclip.train.faults import TrainingError
+
     try:
         params = resolve_params(ctx, given)
         from pyprotoclip.train.trainer import run
@@ -59,3 +61,5 @@ def train(ctx: click.Context, **given: Any) -> None:
         run(params)
     except (ValueError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from None
+    except TrainingError as exc:  # a fault during the run: the flags were fine, so no usage text
+        raise click.ClickException(str(exc)) from None

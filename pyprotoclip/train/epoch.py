@@ -3,9 +3,12 @@ mid-epoch save and stop policies."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any
+
+import torch
 
 from pyprotoclip.losses import EpochContext, StepContext
 from pyprotoclip.train import policy
@@ -42,10 +45,12 @@ class _EpochLog:
         self.batch_t, self.data_t = Meter(), Meter()
         self.startup: tuple[float, float] | None = None
 
-    def add(self, terms: dict[str, Any], t_batch: float, t_data: float, *, startup: bool) -> None:
+    def add(self, terms: dict[str, Any], t_batch: float, t_data: float, *, startup: bool, skipped: bool = False) -> None:
         """A step's terms and times; ``startup``: the epoch's first step, which also waited for the data
-        workers to start: left out of the rates, as in the run's summary (unless it is all there is)."""
-        self.epoch_terms.add(terms)
+        workers to start: left out of the rates, as in the run's summary (unless it is all there is).
+        A ``skipped`` (non-finite) step's terms stay out of the epoch means."""
+        if not skipped:
+            self.epoch_terms.add(terms)
         self.last = terms
         if startup:
             self.startup = (t_batch, t_data)
@@ -59,7 +64,8 @@ class _EpochLog:
         """The log line and results row of step ``run.step`` (local step ``local`` of the epoch)."""
         run, p = self.run, self.run.p
         last = {k: float(v) for k, v in self.last.items()}
-        avg = self.epoch_terms.means()
+        avg = {**{k: math.nan for k in last}, **self.epoch_terms.means()}  # nan: every step so far was skipped
+        skipped = run.nonfinite.total if run.nonfinite is not None else 0
         scales = {"scale" + n[len("logit_scale"):]: float(getattr(run.net, n).detach().exp()) for n in run.method.scales}
         if self.batch_t.count == 0 and self.startup is not None:
             self.batch_t.update(self.startup[0])
@@ -68,16 +74,17 @@ class _EpochLog:
         frac = self.data_t.total / max(self.batch_t.total, 1e-9)
         spe, gb = run.steps_per_epoch, run.global_batch
         log.info(
-            "Train Epoch: %d [%d/%d (%.0f%%)] step %d | %.1f samples/s (%.1f/s/device) | data %.1f%% | lr %.3e | %s | %s",
+            "Train Epoch: %d [%d/%d (%.0f%%)] step %d | %.1f samples/s (%.1f/s/device) | data %.1f%% | lr %.3e | %s | %s%s",
             self.epoch, (local + 1) * gb, spe * gb, 100.0 * (local + 1) / spe, run.step, sps, sps / run.world, 100 * frac,
             lr, " | ".join(f"{k} {v:.2f}" for k, v in scales.items()), format_terms(last, avg),
+            f" | skipped {skipped} non-finite step(s)" if skipped else "",
         )
         if frac > DATA_WARN_FRACTION and self.batch_t.count > 1:
             log.warning("data loading takes %.0f%% of step time: raise --workers (now %d) or make shards faster to decode",
                         100 * frac, p["workers"])
-        row = {"type": "train", "epoch": self.epoch, "step": run.step, "samples": run.step * gb, **last,
-               **{f"{k}_avg": v for k, v in avg.items()}, "lr": lr, **scales, "samples_per_s": sps,
-               "samples_per_s_per_device": sps / run.world, "data_fraction": frac}
+        row = {"type": "train", "epoch": self.epoch, "step": run.step, "samples": run.step * gb, **_json_numbers(last),
+               **_json_numbers({f"{k}_avg": v for k, v in avg.items()}), "lr": lr, **scales, "samples_per_s": sps,
+               "samples_per_s_per_device": sps / run.world, "data_fraction": frac, "skipped_steps": skipped}
         run.results.write(row, scalars="train")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
@@ -93,6 +100,30 @@ class _EpochLog:
             reasons = ", ".join(f"{k} {v}" for k, v in stats["bad"].items() if v)
             log.warning("train-data: epoch %d skipped %d bad sample(s)/shard(s) on this process (%s); see the "
                         "'skipping bad sample' warnings for which", self.epoch, stats["bad_total"], reasons)
+
+
+def _json_numbers(values: dict[str, float]) -> dict[str, float | None]:
+    """NaN/Inf (a skipped step's terms) as null, so that results.jsonl stays strict JSON."""
+    return {k: v if math.isfinite(v) else None for k, v in values.items()}
+
+
+def _bad_data_monitor(run: TrainRun, loader: Any):
+    """A BadDataMonitor for --max-bad-fraction over the loader's counts summed over ranks (the preemption's gloo
+    group), or None when the flag is 1 or the loader keeps no such counts."""
+    from pyprotoclip.data.pipeline import BAD_CHECK_MIN_SAMPLES, BadDataMonitor
+
+    limit = run.p.get("max_bad_fraction", 0.1)
+    if limit is None or limit >= 1 or not hasattr(loader, "stats") or "samples_seen" not in loader.stats():
+        return None
+    from pyprotoclip import distributed as pdist
+
+    group = run.preemption.group if run.preemption is not None else None
+    if group is None and pdist.is_distributed():
+        return None  # no CPU group to agree over: each rank's data workers still apply the limit
+    reduce = lambda xs: pdist.all_reduce_sum(torch.tensor(xs, dtype=torch.int64), group).tolist()  # noqa: E731
+    gather = lambda x: pdist.gather_object(x, group)  # noqa: E731
+    return BadDataMonitor(limit, min(BAD_CHECK_MIN_SAMPLES, getattr(loader, "num_samples", BAD_CHECK_MIN_SAMPLES)),
+                          "train-data", reduce=reduce, gather=gather)
 
 
 def log_stop(run: TrainRun, preempted: bool) -> None:
@@ -118,6 +149,7 @@ def train_one_epoch(run: TrainRun, epoch: int, speed: Speed) -> bool:
         world_size=run.world, log=log, write_result=run.results.write, preprocess=preprocess, tokenize=tokenize,
     ))
     loader = run.make_loader(epoch, first * accum)
+    monitor = _bad_data_monitor(run, loader)
     run.model.train()
     out = _EpochLog(run, epoch, first)
     it = iter(loader)
@@ -134,16 +166,23 @@ def train_one_epoch(run: TrainRun, epoch: int, speed: Speed) -> bool:
             ) from None
         t_data = time.time() - end
         context = StepContext(step=run.step, epoch=epoch, batch=batch_metadata(batches))
-        terms = train_step(run.model, run.loss_fn, batches, run.optimizer, scaler=run.scaler, autocast=run.autocast,
-                           device=run.device, context=context, grad_clip_norm=p["grad_clip_norm"])
-        run.method.after_optimizer_step(run.net)
+        result = train_step(run.model, run.loss_fn, batches, run.optimizer, scaler=run.scaler, autocast=run.autocast,
+                            device=run.device, context=context, grad_clip_norm=p["grad_clip_norm"])
+        terms = result.terms
+        if result.skipped is None:
+            run.method.after_optimizer_step(run.net)
+        # a skipped step still counts: the data position and the schedule are functions of run.step
         run.step += 1
+        if run.nonfinite is not None:
+            run.nonfinite.record(result.skipped, run.step, run.net, terms)
         t_batch = time.time() - end
         end = time.time()
-        out.add(terms, t_batch, t_data, startup=local == first)
+        out.add(terms, t_batch, t_data, startup=local == first, skipped=result.skipped is not None)
         if local > first:  # an epoch's first step pays for worker start-up
             speed.step.update(t_batch)
             speed.data.update(t_data)
+        if monitor is not None:  # --max-bad-fraction over every worker of every rank (collective: every step)
+            monitor.check(loader.stats())
         last_in_epoch = local + 1 == spe
         if run.step % p["log_every_n_steps"] == 0 or last_in_epoch:
             out.write(local, lr)

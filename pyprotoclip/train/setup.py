@@ -53,6 +53,7 @@ class TrainRun:
     steps_per_epoch: int
     results: Results
     preemption: Any = None  # policy.Preemption: SIGTERM/SIGUSR1 stop the run at a step boundary
+    nonfinite: Any = None  # faults.NonFiniteGuard: counts skipped non-finite steps, stops at --max-nonfinite
     first_loader: Any = None
     step: int = 0
 

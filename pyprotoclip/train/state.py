@@ -7,17 +7,30 @@ import os
 from typing import Any
 
 from pyprotoclip import checkpoint as ckpt
+from pyprotoclip import distributed as pdist
+from pyprotoclip.train.faults import TrainingError, checkpoint_write_error
 from pyprotoclip.train.reporting import log
 from pyprotoclip.train.setup import TrainRun
 
 
 def save(run: TrainRun, names: list[str], epochs_done: int) -> None:
     """Write checkpoint ``names`` (in the run's checkpoint dir) on rank 0; every rank must call it
-    (each contributes its RNG state)."""
+    (each contributes its RNG state).
+
+    A write that fails (disk full, no permission) leaves the previous file of that name as it was (the
+    write is atomic) and ends the run on every rank with a :class:`TrainingError` naming the file, why,
+    and the newest intact checkpoint."""
     common = ckpt.training_state(run.net, run.optimizer, run.scaler, run.world)
     method_state = run.method.state_dict()
-    if not run.is_main or not names:
-        return
+    error = _write(run, names, epochs_done, common, method_state) if run.is_main and names else None
+    error = pdist.broadcast_object(error)  # the other ranks stop too, instead of waiting in the next collective
+    if error:
+        raise TrainingError(error)
+
+
+def _write(run: TrainRun, names: list[str], epochs_done: int, common: dict[str, Any],
+           method_state: dict[str, Any]) -> str | None:
+    """Rank 0's part of :func:`save`; returns the error message of a write that failed."""
     state = {
         "format": ckpt.FORMAT, "step": run.step, "epoch": epochs_done, "steps_per_epoch": run.steps_per_epoch,
         "name": run.p["name"], "model": run.p["model"], "model_cfg": run.model_cfg, "method": run.p["method"],
@@ -26,11 +39,16 @@ def save(run: TrainRun, names: list[str], epochs_done: int) -> None:
         "method_state": method_state,
         "scheduler": {"kind": run.p["lr_scheduler"], "step": run.step, "total_steps": run.total_steps},
         "params": dict(run.p),
+        "skipped_steps": run.nonfinite.total if run.nonfinite is not None else 0,
     }
     for name in names:
         path = os.path.join(run.ckpt_dir, name)
-        ckpt.save_checkpoint(state, path)
+        try:
+            ckpt.save_checkpoint(state, path)
+        except OSError as exc:
+            return checkpoint_write_error(path, exc, run.ckpt_dir)
         log.info("saved %s (%.1f MB)", path, os.path.getsize(path) / 1e6)
+    return None
 
 
 def resume(run: TrainRun) -> None:
@@ -48,4 +66,6 @@ def resume(run: TrainRun) -> None:
         raise ValueError(f"resume: {path} was trained with --method {state.get('method')}, this run has --method {run.p['method']}")
     run.step = ckpt.restore_training_state(state, run.net, run.optimizer, run.scaler, rank=run.rank, world=run.world)
     run.method.load_state_dict(state.get("method_state") or {})
+    if run.nonfinite is not None:
+        run.nonfinite.total = int(state.get("skipped_steps", 0))
     log.info("resumed from %s at step %d (epoch %d)", path, run.step, run.step // run.steps_per_epoch)

@@ -6,18 +6,23 @@ and the live ones concatenated in order), as open_clip's ``accum_features`` does
 output dict. Per-sample outputs (a leading batch dimension) are concatenated, so each sample's
 gradient reaches the model once; global outputs (0-d: logit scales, temperatures) keep their graph
 in the last micro-batch only, so every learnable scale gets the one-big-batch gradient once too.
-Nothing here reads a tensor value back to the host.
+
+A step whose loss (any micro-batch) or, without a GradScaler, gradient norm is non-finite is skipped
+exactly: no optimizer or scaler update, the BatchNorm running statistics put back
+(:mod:`pyprotoclip.train.faults`). Deciding that is the step's one host read; nothing else is read back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from pyprotoclip.losses import StepContext
 from pyprotoclip.ops import skip_value_checks
+from pyprotoclip.train.faults import BufferSnapshot, gradient_norm, nonfinite_flags, read_flags
 
 
 def autocast_factory(precision: str, device: torch.device) -> tuple[Callable[[], Any], bool]:
@@ -55,6 +60,14 @@ def batch_metadata(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return meta
 
 
+@dataclasses.dataclass
+class StepResult:
+    """A step's loss terms (detached, on the device) and, for a skipped step, what was non-finite."""
+
+    terms: dict[str, torch.Tensor]
+    skipped: str | None = None  # None: the update was applied; "loss" or "gradients": skipped
+
+
 def train_step(
     model: torch.nn.Module,
     loss_fn: torch.nn.Module,
@@ -66,20 +79,25 @@ def train_step(
     device: torch.device,
     context: StepContext,
     grad_clip_norm: float | None,
-) -> dict[str, torch.Tensor]:
-    """One optimizer step over ``len(batches)`` micro-batches; returns the loss terms (detached, on the device).
+) -> StepResult:
+    """One optimizer step over ``len(batches)`` micro-batches, skipped when it is non-finite (module doc).
 
-    ``model`` may be DDP-wrapped (gradients are synchronised on the last micro-batch only).
+    ``model`` may be DDP-wrapped (gradients are synchronised on the last micro-batch only). With a
+    GradScaler only a non-finite loss skips the step here: the scaler's own skips of steps with inf
+    gradients (finding its scale) stay its business and are not faults.
     """
     accum = len(batches)
     optimizer.zero_grad(set_to_none=True)
     images = [b["image"].to(device, non_blocking=True) for b in batches]
     texts = [b["text"].to(device, non_blocking=True) for b in batches]
+    buffers = BufferSnapshot(model)
+    losses: list[torch.Tensor] = []  # every micro-batch's loss: their sum is finite iff each one is
 
     def backward(loss: torch.Tensor) -> None:
+        losses.append(loss.detach())
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
-    with skip_value_checks():  # the ops' inputs come from the model; the loss is checked where it is logged
+    with skip_value_checks():  # the ops' inputs come from the model; the loss is checked below
         if accum == 1:
             with autocast():
                 outputs = model(images[0], texts[0])
@@ -99,6 +117,18 @@ def train_step(
                         live = model(images[j], texts[j])
                     terms = loss_fn(merge_outputs(cached, live, j, last=last), step_context=context)
                     backward(terms["loss"])
+    terms = {name: value.detach() for name, value in terms.items()}
+    norm = None
+    if scaler is None:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        # with clipping, the norm checked is the one clip_grad_norm_ would compute (and it is reused)
+        norm = torch.nn.utils.get_total_norm(grads) if grad_clip_norm is not None else gradient_norm(grads)
+    loss_sum = losses[0] if accum == 1 else torch.stack(losses).sum()
+    skipped = read_flags(nonfinite_flags(loss_sum, norm))
+    if skipped is not None:
+        buffers.restore()
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(terms, skipped)
     if scaler is not None:
         if grad_clip_norm is not None:
             scaler.unscale_(optimizer)
@@ -107,6 +137,6 @@ def train_step(
         scaler.update()
     else:
         if grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+            torch.nn.utils.clip_grads_with_norm_(model.parameters(), grad_clip_norm, norm)
         optimizer.step()
-    return {name: value.detach() for name, value in terms.items()}
+    return StepResult(terms)

@@ -16,6 +16,7 @@ from typing import Any
 from pyprotoclip import distributed as pdist
 from pyprotoclip.train import policy
 from pyprotoclip.train.epoch import Speed, log_stop, train_one_epoch
+from pyprotoclip.train.faults import NonFiniteGuard
 from pyprotoclip.train.reporting import log
 from pyprotoclip.train.setup import TrainRun, build_run, wrap_data_parallel
 from pyprotoclip.train.state import resume, save
@@ -27,6 +28,7 @@ def run(p: dict[str, Any], *, data: Any = None) -> dict[str, Any]:
     data: an object with ``build_loader`` and ``read_zeroshot_files`` (default :mod:`pyprotoclip.data`).
     """
     r = build_run(p, data=data)
+    r.nonfinite = NonFiniteGuard(r.p["max_nonfinite"], is_main=r.is_main)
     resume(r)
     wrap_data_parallel(r)
     p = r.p
@@ -66,7 +68,7 @@ def evaluate(r: TrainRun, epochs_done: int) -> None:
 
         p = r.p
         cfg = DataConfig(shards=p["val_data"], batch_size=p["batch_size"], workers=p["workers"],
-                         num_samples=p["val_num_samples"], seed=p["seed"], drop_last=False)
+                         num_samples=p["val_num_samples"], seed=p["seed"], drop_last=False, flag="val-data")
         loader = r.data.build_loader(cfg, preprocess=r.preprocess_val, tokenize=r.tokenizer, is_train=False)
         classnames = templates = None
         if zeroshot:
@@ -89,6 +91,7 @@ def _summary(r: TrainRun, speed: Speed, wall: float, stopped: bool) -> dict[str,
         "run_dir": r.run_dir, "steps_per_epoch": r.steps_per_epoch, "step": r.step, "interrupted": stopped,
         "wall_s": wall, "samples_per_s": r.global_batch * speed.step.count / max(speed.step.total, 1e-9),
         "data_fraction": speed.data.total / max(speed.step.total, 1e-9), "world_size": r.world,
+        "skipped_steps": r.nonfinite.total,
     }
     summary["samples_per_s_per_device"] = summary["samples_per_s"] / r.world
     if r.is_main:

@@ -1,0 +1,126 @@
+"""Faults a step or a save can meet, handled the same way by ``pyprotoclip train`` and ``ood train``.
+
+Non-finite steps: after backward, one flag says whether the step's loss (any micro-batch) or, without a
+GradScaler, its gradient norm is non-finite; it is agreed over all ranks (one all-reduce) and read back
+once (the step's only host read). A flagged step is skipped: no optimizer (or scaler) update, the
+model's buffers (BatchNorm running statistics) put back, no method update. :class:`NonFiniteGuard`
+counts skipped steps, logs them (rate-limited) and stops the run after ``--max-nonfinite`` in a row.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from pyprotoclip.train.reporting import log
+
+LOSS, GRADIENTS = "loss", "gradients"
+LOG_FIRST = 10  # skipped steps logged one by one, then every LOG_EVERY-th
+LOG_EVERY = 100
+
+
+class TrainingError(RuntimeError):
+    """A fault that ends a run; its message is one line, printed without a traceback."""
+
+
+def nonfinite_flags(loss_sum: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
+    """(2,) int32 on the loss's device: [loss non-finite, gradient norm non-finite]; agreed over ranks."""
+    bad_loss = ~torch.isfinite(loss_sum.detach().float())
+    bad_grad = ~torch.isfinite(grad_norm.detach().float()) if grad_norm is not None else torch.zeros_like(bad_loss)
+    flags = torch.stack([bad_loss, bad_grad]).to(torch.int32)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank skips the same steps
+    return flags
+
+
+def read_flags(flags: torch.Tensor) -> str | None:
+    """The step's one host read: None for a good step, else what was non-finite ("loss" or "gradients")."""
+    code = int(flags[0] + 2 * flags[1])
+    if code == 0:
+        return None
+    return LOSS if code & 1 else GRADIENTS
+
+
+def gradient_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The global 2-norm of ``grads``, accumulated in fp32 (fp16 gradients do not overflow it)."""
+    if not grads:
+        return None
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
+
+
+class BufferSnapshot:
+    """Copies of a model's buffers taken before a step, put back when the step is skipped (a non-finite
+    forward must not leave NaN in BatchNorm running statistics). Only modules with running statistics."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.buffers = [b for m in model.modules() if getattr(m, "track_running_stats", False)
+                        for b in m.buffers(recurse=False) if b is not None]
+        self.saved = [b.clone() for b in self.buffers]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for buf, saved in zip(self.buffers, self.saved):
+            buf.copy_(saved)
+
+
+def params_nonfinite(model: torch.nn.Module) -> bool:
+    """Whether any parameter holds NaN/Inf (read once, when a run stops)."""
+    return any(not bool(torch.isfinite(p.detach()).all()) for p in model.parameters())
+
+
+class NonFiniteGuard:
+    """Counts skipped (non-finite) steps and ends the run after ``max_in_row`` of them in a row (0: never).
+
+    ``total`` counts every skipped step of the run (kept in checkpoints); ``in_row`` the current streak.
+    """
+
+    def __init__(self, max_in_row: int, *, flag: str = "--max-nonfinite", is_main: bool = True, total: int = 0) -> None:
+        self.max_in_row, self.flag, self.is_main = max_in_row, flag, is_main
+        self.total, self.in_row = total, 0
+        self.first_bad_step: int | None = None
+
+    def record(self, skipped: str | None, step: int, model: torch.nn.Module, terms: dict[str, torch.Tensor]) -> None:
+        """After optimizer step number ``step`` (1-based, as the log lines count): ``skipped`` is what
+        :func:`read_flags` said. Raises :class:`TrainingError` when the streak reaches the limit."""
+        if skipped is None:
+            self.in_row, self.first_bad_step = 0, None
+            return
+        self.total += 1
+        self.in_row += 1
+        if self.first_bad_step is None:
+            self.first_bad_step = step
+        if self.is_main and (self.total <= LOG_FIRST or self.total % LOG_EVERY == 0):
+            what = f"non-finite loss ({float(terms['loss'])})" if skipped == LOSS else "non-finite gradients"
+            later = (f"; further skipped steps are logged every {LOG_EVERY}th" if self.total == LOG_FIRST else "")
+            log.warning("step %d: %s, step skipped (no update); %d in a row, %d in this run (%s %d)%s", step, what,
+                        self.in_row, self.total, self.flag, self.max_in_row, later)
+        if self.max_in_row and self.in_row >= self.max_in_row:
+            weights = (" and the weights themselves are non-finite" if params_nonfinite(model) else
+                       f"; the weights are those after step {self.first_bad_step - 1}")
+            raise TrainingError(
+                f"training stopped: {self.in_row} steps in a row had a non-finite loss or gradients (steps "
+                f"{self.first_bad_step}-{step}, {self.flag} {self.max_in_row}){weights}; lower --lr, set "
+                f"--grad-clip-norm or check the data (0 never stops)"
+            )
+
+
+def checkpoint_write_error(path: str, exc: OSError, ckpt_dir: str) -> str:
+    """The one-line message for a checkpoint that could not be written, naming the newest intact one."""
+    from pyprotoclip import checkpoint as ckpt
+
+    reason = exc.strerror or str(exc)
+    then = "free space, then" if exc.errno == errno.ENOSPC else "once the directory is writable,"
+    latest = ckpt.find_latest(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    try:
+        step = ckpt.load_checkpoint(latest, mmap=True).get("step") if latest is not None else None
+    except (ValueError, OSError):
+        latest = step = None
+    if latest is not None:
+        kept = f"the previous checkpoint {latest} (step {step}) is intact; {then} continue with --resume latest"
+    else:
+        kept = "no earlier checkpoint exists"
+    return f"could not write checkpoint {path}: {reason} ({kept})"
