@@ -10,9 +10,9 @@ DEFAULT_PROBE_TRAIN_SAMPLES = 10_000  # the same as pyprotoclip.eval.evaluate's 
 
 
 @click.command(name="eval", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False), help="Training checkpoint (or a state dict with --model).")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False), help="pyprotoclip training checkpoint, open_clip checkpoint or plain state dict.")
 @click.option("--data", required=True, help="Evaluation shards (brace spec(s) joined by '::'), e.g. DIR/val/{00000..00001}.tar.")
-@click.option("--model", "model_name", default=None, help="Override the architecture recorded in the checkpoint.")
+@click.option("--model", "model_name", default=None, help="Architecture (overrides the checkpoint's; needed for a state dict of anything but the built-in tiny configs).")
 @click.option("--classnames", type=click.Path(exists=True, dir_okay=False), default=None, help="Class names, one a line (default: classnames.txt beside the shards).")
 @click.option("--templates", type=click.Path(exists=True, dir_okay=False), default=None, help="Prompt templates with '{}', one a line (default: templates.txt beside the shards).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Samples per forward pass.")
@@ -57,7 +57,10 @@ def eval_cmd(checkpoint, data, model_name, classnames, templates, batch_size, wo
     if as_json:
         click.echo(json.dumps(results, indent=2, default=str))
         return
-    click.echo(f"checkpoint {checkpoint} ({results.get('ckpt_model')}, step {results.get('ckpt_step')}) on {results['num_samples']} samples")
+    arch = results.get("ckpt_model")
+    if results.get("ckpt_model_inferred"):
+        arch = f"{arch}, inferred from the state dict's shapes"
+    click.echo(f"checkpoint {checkpoint} ({arch}, step {results.get('ckpt_step')}) on {results['num_samples']} samples")
     click.echo(format_table(results))
     for line in format_notes(results):
         click.echo(line)

@@ -28,16 +28,24 @@ def _read_lines(path: str, what: str) -> list[str]:
 def load_model_from_checkpoint(path: str, model_name: str | None = None, device: str | torch.device = "cpu"):
     """(model, preprocess_val, tokenizer, checkpoint_meta) from a training checkpoint or a plain state dict.
 
-    The architecture comes from the checkpoint's ``model`` entry unless ``model_name`` overrides it;
-    a plain state dict needs ``model_name``. A method's additions to the model are not loaded.
+    The architecture comes from the checkpoint's ``model`` entry unless ``model_name`` overrides it.
+    A checkpoint without one (a plain state dict, or open_clip's training checkpoint, whose ``state_dict``
+    has no architecture name) gets the built-in tiny config its keys and shapes match
+    (``meta["model_inferred"]``); any other architecture needs ``model_name``. A method's additions to
+    the model are not loaded.
     """
     from pyprotoclip.checkpoint import load_checkpoint, model_weights
-    from pyprotoclip.models import create_model, load_weights
+    from pyprotoclip.models import create_model, infer_architecture, load_weights
 
     weights, meta = model_weights(load_checkpoint(path))
+    meta = {k: v for k, v in meta.items() if k != "model" or isinstance(v, str)}
     name = model_name or meta.get("model")
     if not name:
-        raise ValueError(f"model: {path!r} is a plain state dict with no architecture name; pass --model NAME")
+        name = infer_architecture(weights) if isinstance(weights, dict) and weights else None
+        if not name:
+            raise ValueError(f"model: {path!r} records no architecture name and its shapes match no built-in config; "
+                             "pass --model NAME")
+        meta["model_inferred"] = True
     model, _, preprocess_val, tokenizer = create_model(name, device=device)
     load_weights(model, weights, what="model", source=path, name=name)
     model.eval()
@@ -92,7 +100,8 @@ def evaluate(
         except FileNotFoundError:
             classnames = templates = None
             no_classnames = "no classnames.txt / templates.txt beside the shards; pass --classnames and --templates"
-    cfg = pdata.DataConfig(shards=data, batch_size=batch_size, workers=workers, num_samples=num_samples, seed=seed, drop_last=False)
+    cfg = pdata.DataConfig(shards=data, batch_size=batch_size, workers=workers, num_samples=num_samples, seed=seed, drop_last=False,
+                           flag="data")
     loader = build_loader(cfg, preprocess=preprocess_val, tokenize=tokenizer, is_train=False)
     probe_train = None
     if train_data:
@@ -100,7 +109,7 @@ def evaluate(
 
         cap = train_num_samples or None
         tcfg = pdata.DataConfig(shards=train_data, batch_size=batch_size, workers=workers, num_samples=cap, seed=seed,
-                                drop_last=False)
+                                drop_last=False, flag="train-data")
         tloader = build_loader(tcfg, preprocess=preprocess_val, tokenize=tokenizer, is_train=False)
         probe_train = extract_features(model, tloader, device=device, max_samples=cap)
         if not bool((probe_train["labels"] >= 0).any()):

@@ -12,23 +12,19 @@ from typing import Any, Callable
 
 import torch
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+from pyprotoclip.models._open_clip_hook import CONFIG_DIR
+from pyprotoclip.models._open_clip_hook import register as _register
+
 TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")
 
-_registered = False
-
 
 def register_tiny_configs() -> None:
-    """Register the JSON configs in ``pyprotoclip/models/configs`` with open_clip (idempotent)."""
-    global _registered
-    if _registered:
-        return
+    """Register the JSON configs in ``pyprotoclip/models/configs`` with open_clip (idempotent). Importing
+    pyprotoclip already does this once open_clip is imported; calling it imports open_clip."""
     import open_clip
 
-    if not set(TINY_MODELS) <= set(open_clip.list_models()):
-        open_clip.add_model_config(CONFIG_DIR)
-    _registered = True
+    _register(open_clip)
 
 
 def list_models() -> list[str]:
@@ -92,6 +88,34 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, what
             f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), {len(shapes)} shape mismatches (e.g. {shapes[:2]})"
         )
     model.load_state_dict(state)
+
+
+def infer_architecture(state: dict[str, torch.Tensor]) -> str | None:
+    """The built-in tiny config whose state dict has exactly the keys and shapes of ``state`` (a ``module.``
+    prefix ignored), or None. Only the tiny configs are tried: building every open_clip architecture to
+    compare would take minutes; for those, name the architecture."""
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    found = []
+    for name in TINY_MODELS:
+        cfg = get_model_config(name)
+        if "text_projection" in state and state["text_projection"].shape[-1] != cfg["embed_dim"]:
+            continue
+        own = create_model(name)[0].state_dict()
+        if own.keys() == state.keys() and all(own[k].shape == state[k].shape for k in own):
+            found.append(name)
+    return found[0] if len(found) == 1 else None
+
+
+def export_weights(checkpoint: str, out: str) -> str:
+    """Write the architecture weights of a pyprotoclip checkpoint (a method's additions left out) as a plain
+    state dict, the form ``open_clip.create_model_and_transforms(name, pretrained=out)`` loads strictly.
+    Returns ``out``."""
+    from pyprotoclip.checkpoint import load_checkpoint, model_weights, save_checkpoint
+
+    weights, _ = model_weights(load_checkpoint(checkpoint))
+    save_checkpoint(weights, out)
+    return out
 
 
 def create_model(

@@ -62,10 +62,13 @@ def test_eval_model_override_and_errors(tmp_path, fake_pdata):
     assert r.exit_code == 2 and "does not match architecture 'tiny-vit'" in r.output
     r = CliRunner().invoke(main, ["eval", "--checkpoint", str(tmp_path / "nope.pt"), "--data", "fake"])
     assert r.exit_code == 2 and "does not exist" in r.output
+    # a state dict whose shapes match no built-in config (one tensor widened): a one-line error naming --model
+    state = torch.load(path, weights_only=True)["state_dict"]
     plain = tmp_path / "plain.pt"
-    torch.save(torch.load(path, weights_only=True)["state_dict"], plain)
+    torch.save({**state, "logit_scale": torch.zeros(2)}, plain)
     r = CliRunner().invoke(main, ["eval", "--checkpoint", str(plain), "--data", "fake", "--workers", "0"])
-    assert r.exit_code == 2 and "pass --model NAME" in r.output
+    assert r.exit_code == 2 and "match no built-in config" in r.output and "pass --model NAME" in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()[-1]) > 40
     cls = tmp_path / "c.txt"
     cls.write_text("a\nb\n")
     r = CliRunner().invoke(main, ["eval", "--checkpoint", str(path), "--data", "fake", "--classnames", str(cls)])
@@ -161,3 +164,25 @@ def test_eval_help_names_the_probe_flags():
     for flag in ("--train-data", "--probe-train-data", "--train-num-samples", "--probe-c"):
         assert flag in r.output
     assert eval_cli.DEFAULT_PROBE_TRAIN_SAMPLES == ev.DEFAULT_PROBE_TRAIN_SAMPLES
+
+
+def test_eval_open_clip_checkpoints_without_model(tmp_path, fake_pdata):
+    """open_clip's own files carry no architecture name: the built-in config is read off the shapes."""
+    path, model = _checkpoint(tmp_path)
+    state = model.state_dict()
+    plain, oc_train = tmp_path / "oc" / "plain.pt", tmp_path / "oc" / "epoch_3.pt"
+    plain.parent.mkdir()
+    torch.save(state, plain)  # torch.save(model.state_dict())
+    # open_clip's training checkpoint: epoch, run name, DDP-prefixed state_dict, optimizer
+    torch.save({"epoch": 3, "name": "oc-run", "state_dict": {f"module.{k}": v for k, v in state.items()},
+                "optimizer": {"state": {}, "param_groups": []}}, oc_train)
+    for ckpt in (plain, oc_train):
+        r = CliRunner().invoke(main, ["eval", "--checkpoint", str(ckpt), "--data", "fake", "--workers", "0", "--batch-size", "32",
+                                      "--no-plot", "--json"])
+        assert r.exit_code == 0, r.output
+        got = json.loads(r.output)
+        assert got["ckpt_model"] == "tiny-rn" and got["ckpt_model_inferred"] is True
+        assert "zeroshot_top1" in got
+    r = CliRunner().invoke(main, ["eval", "--checkpoint", str(plain), "--data", "fake", "--workers", "0", "--batch-size", "32",
+                                  "--no-plot"])
+    assert r.exit_code == 0 and "(tiny-rn, inferred from the state dict's shapes, step None)" in r.output
