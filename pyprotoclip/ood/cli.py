@@ -77,6 +77,9 @@ def _floats3(ctx, param, value):
 @click.option("--save-every-n-steps", type=int, default=0, show_default=True, help="Also update epoch_latest.pt every N steps.")
 @click.option("--stop-after-steps", type=int, default=None, help="End the run (resumably) after this global step.")
 @click.option("--log-every-n-steps", type=int, default=50, show_default=True)
+@click.option("--max-nonfinite", type=int, default=20, show_default=True,
+              help="A step whose loss (or, without the fp16 GradScaler, gradient norm) is NaN/Inf is skipped: no update, "
+                   "while the step number and LR schedule move on. Stop after this many skipped steps in a row (0: never stop).")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--dist-backend", default=None, help="torch.distributed backend under torchrun [default: nccl on CUDA, gloo otherwise].")
 def train_cmd(**p: Any) -> None:
@@ -86,11 +89,14 @@ def train_cmd(**p: Any) -> None:
     6 prototypes per class, top-5, EMA 0.999); see docs/ood.md. Under torchrun: one process per device.
     """
     from pyprotoclip.ood.train import run
+    from pyprotoclip.train.faults import TrainingError
 
     try:
         run(p)
     except (ValueError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from None
+    except TrainingError as exc:  # a fault during the run: the flags were fine, so no usage text
+        raise click.ClickException(str(exc)) from None
 
 
 def _scoring_options(fn):

@@ -29,6 +29,8 @@ from pyprotoclip.losses import PALMLoss
 from pyprotoclip.ood.models import AUGMENTATIONS, MultiView, build_model, no_text, resolve_model_cfg, train_transform
 from pyprotoclip.ops import skip_value_checks
 from pyprotoclip.train import policy
+from pyprotoclip.train.faults import (BufferSnapshot, NonFiniteGuard, TrainingError, checkpoint_write_error,
+                                      gradient_norm, nonfinite_flags, read_flags)
 from pyprotoclip.train.reporting import Meter, Results, TermMeter, format_terms, log, setup_logging
 
 FORMAT = "pyprotoclip-ood-v1"
@@ -46,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "lambda_pcon": 1.0, "proto_temp": 0.5, "detach_proto_update": False, "unlabelled": False,
     "seed": 1, "logs": "./logs", "name": None, "resume": None, "save_frequency": 50, "save_most_recent": True,
     "save_every_n_steps": 0, "stop_after_steps": None, "log_every_n_steps": 50, "device": "auto", "dist_backend": None,
+    "max_nonfinite": 20,
 }
 
 
@@ -83,7 +86,8 @@ def validate(p: dict[str, Any]) -> None:
     for key in positive:
         if not isinstance(p[key], int) or p[key] < 1:
             raise ValueError(f"{key.replace('_', '-')}: expected an int >= 1, got {p[key]!r}")
-    for key in ("k", "warmup_epochs", "workers", "shuffle_buffer", "save_frequency", "save_every_n_steps", "sinkhorn_iterations"):
+    for key in ("k", "warmup_epochs", "workers", "shuffle_buffer", "save_frequency", "save_every_n_steps", "sinkhorn_iterations",
+                "max_nonfinite"):
         if not isinstance(p[key], int) or p[key] < 0:
             raise ValueError(f"{key.replace('_', '-')}: expected an int >= 0, got {p[key]!r}")
     if p["loss"] not in LOSSES:
@@ -185,6 +189,7 @@ class _Run:
                                                     crop_scale=p["crop_scale"]), p["nviews"])
         self.results = Results(self.run_dir, self.is_main, False)
         self.step = 0
+        self.nonfinite = NonFiniteGuard(p["max_nonfinite"], is_main=self.is_main)
         self.first_loader = None
         self.first_loader = self.make_loader(0)
         self.steps_per_epoch = self.first_loader.num_batches
@@ -231,9 +236,15 @@ class _Run:
     # ---- checkpoints ------------------------------------------------------------------------------------
 
     def save(self, names: list[str], epochs_done: int) -> None:
+        """Write checkpoints ``names`` on rank 0 (every rank calls it); a failed write (disk full) leaves the
+        previous file as it was and stops every rank with a :class:`TrainingError` naming the file."""
         common = ckpt.training_state(self.net, self.optimizer, self.scaler, self.world)
-        if not self.is_main or not names:
-            return
+        error = self._write(names, epochs_done, common) if self.is_main and names else None
+        error = pdist.broadcast_object(error)
+        if error:
+            raise TrainingError(error)
+
+    def _write(self, names: list[str], epochs_done: int, common: dict[str, Any]) -> str | None:
         p = self.p
         state = {
             "format": FORMAT, "step": self.step, "epoch": epochs_done, "steps_per_epoch": self.steps_per_epoch,
@@ -242,9 +253,15 @@ class _Run:
             "method_state": self.loss_fn.state_dict() if self.loss_fn is not None else {},
             "scheduler": {"kind": "palm-warmup-cosine", "step": self.step, "warmup_epochs": p["warmup_epochs"]},
             "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()},
+            "skipped_steps": self.nonfinite.total,
         }
         for name in names:
-            ckpt.save_checkpoint(state, os.path.join(self.ckpt_dir, name))
+            path = os.path.join(self.ckpt_dir, name)
+            try:
+                ckpt.save_checkpoint(state, path)
+            except OSError as exc:
+                return checkpoint_write_error(path, exc, self.ckpt_dir)
+        return None
 
     def resume(self) -> None:
         path = self.resume_path
@@ -263,11 +280,15 @@ class _Run:
         self.step = ckpt.restore_training_state(state, self.net, self.optimizer, self.scaler, rank=self.rank, world=self.world)
         if self.loss_fn is not None:
             self.loss_fn.load_state_dict(state["method_state"])
+        self.nonfinite.total = int(state.get("skipped_steps", 0))
         log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.step // self.steps_per_epoch)
 
     # ---- one step ---------------------------------------------------------------------------------------
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def train_step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str | None]:
+        """One SGD step; returns (loss terms, None) or, for a step skipped as non-finite (a NaN/Inf loss, or
+        without a GradScaler gradient norm), (terms, "loss" | "gradients"): then the weights, the SGD
+        momentum, the BatchNorm statistics and PALM's prototypes are as they were before it."""
         labels = batch["label"]  # on the CPU: checking it costs no device synchronisation
         if not self.p["unlabelled"] and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             lo, hi = int(labels.min()), int(labels.max())
@@ -280,6 +301,8 @@ class _Run:
         x = images.transpose(0, 1).reshape(v * b, *images.shape[2:]).to(self.device, non_blocking=True)  # view-major
         y = labels.repeat(v).to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
+        buffers = BufferSnapshot(self.net)
+        prototypes = self.loss_fn.prototypes if self.loss_fn is not None else None  # the loss replaces, never edits, it
         with skip_value_checks():
             with self.autocast():
                 if self.loss_fn is None:
@@ -292,12 +315,23 @@ class _Run:
                 terms = self.loss_fn(feats, None if self.p["unlabelled"] else y)
             loss = terms["loss"]
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        terms = {k: t.detach() for k, t in terms.items()}
+        norm = None
+        if self.scaler is None:  # the GradScaler checks the gradients itself (its skips are not faults)
+            norm = gradient_norm([q.grad for q in self.net.parameters() if q.grad is not None])
+        skipped = read_flags(nonfinite_flags(terms["loss"], norm))
+        if skipped is not None:
+            buffers.restore()
+            if prototypes is not None:
+                self.loss_fn.prototypes = prototypes
+            self.optimizer.zero_grad(set_to_none=True)
+            return terms, skipped
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        return {k: t.detach() for k, t in terms.items()}
+        return terms, None
 
 
 class _LogitsModel(torch.nn.Module):
@@ -345,7 +379,8 @@ def run(p: dict[str, Any], *, data: Any = None) -> dict[str, Any]:
                 break
         wall = time.time() - t0
         summary = {"run_dir": r.run_dir, "step": r.step, "steps_per_epoch": spe, "interrupted": stopped, "wall_s": wall,
-                   "samples_per_s": p["batch_size"] * r.world * step_t.count / max(step_t.total, 1e-9)}
+                   "samples_per_s": p["batch_size"] * r.world * step_t.count / max(step_t.total, 1e-9),
+                   "skipped_steps": r.nonfinite.total}
         if r.is_main:
             log.info("done: %d steps in %.1fs, %.1f samples/s", r.step, wall, summary["samples_per_s"])
             r.results.write({"type": "summary", **summary})
@@ -378,11 +413,13 @@ def _train_epoch(r: _Run, epoch: int, step_t: Meter) -> bool:
                 batch = next(it)
             except StopIteration:
                 raise RuntimeError(f"train-data: the loader stopped after {local} of {spe} steps in epoch {epoch}") from None
-            terms = r.train_step(batch)
-            r.step += 1
+            terms, skipped = r.train_step(batch)
+            r.step += 1  # a skipped step counts too: the data position and the schedule follow r.step
+            r.nonfinite.record(skipped, r.step, r.net, terms)
             dt = time.time() - end
             end = time.time()
-            terms_epoch.add(terms)
+            if skipped is None:
+                terms_epoch.add(terms)
             window.update(dt)
             if local > first:
                 step_t.update(dt)
@@ -391,15 +428,17 @@ def _train_epoch(r: _Run, epoch: int, step_t: Meter) -> bool:
             last_in_epoch = local + 1 == spe
             if r.step % p["log_every_n_steps"] == 0 or last_in_epoch:
                 last = {k: float(v) for k, v in terms.items()}
-                if not all(math.isfinite(v) for v in last.values()):
-                    raise FloatingPointError(f"loss: non-finite loss terms at step {r.step}: {last}")
-                avg = terms_epoch.means()
+                avg = {**{k: math.nan for k in last}, **terms_epoch.means()}  # nan: every step so far was skipped
                 gb = p["batch_size"] * r.world
                 sps = gb * window.count / max(window.total, 1e-9)
-                log.info("Train Epoch: %d [%d/%d (%.0f%%)] step %d | %.1f samples/s | lr %.3e | %s", epoch, (local + 1) * gb,
-                         spe * gb, 100.0 * (local + 1) / spe, r.step, sps, lr, format_terms(last, avg))
-                r.results.write({"type": "train", "epoch": epoch, "step": r.step, "samples": r.step * gb, **last,
-                                 **{f"{k}_avg": v for k, v in avg.items()}, "lr": lr, "samples_per_s": sps}, scalars="train")
+                n_skipped = r.nonfinite.total
+                log.info("Train Epoch: %d [%d/%d (%.0f%%)] step %d | %.1f samples/s | lr %.3e | %s%s", epoch, (local + 1) * gb,
+                         spe * gb, 100.0 * (local + 1) / spe, r.step, sps, lr, format_terms(last, avg),
+                         f" | skipped {n_skipped} non-finite step(s)" if n_skipped else "")
+                finite = {k: v if math.isfinite(v) else None for k, v in
+                          {**last, **{f"{k}_avg": v for k, v in avg.items()}}.items()}  # strict JSON: NaN as null
+                r.results.write({"type": "train", "epoch": epoch, "step": r.step, "samples": r.step * gb, **finite,
+                                 "lr": lr, "samples_per_s": sps, "skipped_steps": n_skipped}, scalars="train")
                 window = Meter()
             if last_in_epoch:
                 break
