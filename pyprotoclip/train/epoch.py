@@ -12,7 +12,7 @@ import torch
 
 from pyprotoclip.losses import EpochContext, StepContext
 from pyprotoclip.train import policy
-from pyprotoclip.train.reporting import Meter, TermMeter, format_terms, log
+from pyprotoclip.train.reporting import Meter, ProgressClock, TermMeter, eta_seconds, format_duration, format_terms, log
 from pyprotoclip.train.setup import TrainRun
 from pyprotoclip.train.state import save
 from pyprotoclip.train.step import batch_metadata, train_step
@@ -21,17 +21,21 @@ DATA_WARN_FRACTION = 0.5  # warn when more than this share of step time waits fo
 
 
 class Speed:
-    """Step and data-wait times over the whole run, leaving out each epoch's first step (worker start-up)."""
+    """Step and data-wait times over the whole run, leaving out each epoch's first step (worker start-up);
+    ``progress``: the time-based log trigger (used when stdout is not a terminal)."""
 
     def __init__(self) -> None:
         self.step, self.data = Meter(), Meter()
+        self.progress = ProgressClock()
 
 
 class _EpochLog:
     """The numbers of one epoch between log lines: terms as device tensors, times as floats."""
 
-    def __init__(self, run: TrainRun, epoch: int, first: int) -> None:
+    def __init__(self, run: TrainRun, epoch: int, first: int, speed: Speed | None = None) -> None:
         self.run, self.epoch, self.first = run, epoch, first
+        self.speed = speed
+        self.last_t = 0.0
         self.epoch_terms = TermMeter()
         self.window()
         self.bar = None
@@ -52,6 +56,7 @@ class _EpochLog:
         if not skipped:
             self.epoch_terms.add(terms)
         self.last = terms
+        self.last_t = t_batch
         if startup:
             self.startup = (t_batch, t_data)
         else:
@@ -59,6 +64,27 @@ class _EpochLog:
             self.data_t.update(t_data)
         if self.bar is not None:
             self.bar.update(1)
+
+    def eta(self) -> str:
+        """Time left to the run's last step (--stop-after-steps or the last epoch's end) at the mean step time
+        so far (each epoch's start-up step left out; the last step's time until one is timed). Training
+        steps only: validation and checkpoints add to it."""
+        run = self.run
+        mean = self.speed.step.avg if self.speed is not None and self.speed.step.count else self.last_t
+        stop = run.p.get("stop_after_steps")
+        last = min(run.total_steps, stop) if stop is not None else run.total_steps
+        return format_duration(eta_seconds(mean, run.step, last))
+
+    def progress(self, local: int) -> None:
+        """A progress line without the loss terms (no device read): position, speed and ETA; for the
+        time-based trigger when stdout is not a terminal."""
+        run, spe, gb = self.run, self.run.steps_per_epoch, self.run.global_batch
+        timed = self.speed.step if self.speed is not None else None
+        sps = gb * timed.count / max(timed.total, 1e-9) if timed is not None and timed.count else gb / max(self.last_t, 1e-9)
+        log.info("Progress: epoch %d [%d/%d (%.0f%%)] step %d/%d | %.1f samples/s | ETA %s", self.epoch, (local + 1) * gb,
+                 spe * gb, 100.0 * (local + 1) / spe, run.step, run.total_steps, sps, self.eta())
+        if self.speed is not None:
+            self.speed.progress.mark()
 
     def write(self, local: int, lr: float) -> None:
         """The log line and results row of step ``run.step`` (local step ``local`` of the epoch)."""
@@ -74,11 +100,13 @@ class _EpochLog:
         frac = self.data_t.total / max(self.batch_t.total, 1e-9)
         spe, gb = run.steps_per_epoch, run.global_batch
         log.info(
-            "Train Epoch: %d [%d/%d (%.0f%%)] step %d | %.1f samples/s (%.1f/s/device) | data %.1f%% | lr %.3e | %s | %s%s",
+            "Train Epoch: %d [%d/%d (%.0f%%)] step %d | %.1f samples/s (%.1f/s/device) | data %.1f%% | lr %.3e | %s | %s%s | ETA %s",
             self.epoch, (local + 1) * gb, spe * gb, 100.0 * (local + 1) / spe, run.step, sps, sps / run.world, 100 * frac,
             lr, " | ".join(f"{k} {v:.2f}" for k, v in scales.items()), format_terms(last, avg),
-            f" | skipped {skipped} non-finite step(s)" if skipped else "",
+            f" | skipped {skipped} non-finite step(s)" if skipped else "", self.eta(),
         )
+        if self.speed is not None:
+            self.speed.progress.mark()
         if frac > DATA_WARN_FRACTION and self.batch_t.count > 1:
             log.warning("data loading takes %.0f%% of step time: raise --workers (now %d) or make shards faster to decode",
                         100 * frac, p["workers"])
@@ -95,8 +123,12 @@ class _EpochLog:
             self.bar.close()
             self.run.console.bar = None
         stats = loader.stats() if hasattr(loader, "stats") else None
-        if stats and stats.get("bad_total"):
+        if stats and stats.get("bad_total") and "worst_shards" in stats:
             # the per-sample warnings come from loader workers and reach only stderr; this line reaches out.log
+            from pyprotoclip.data.pipeline import describe_bad
+
+            log.warning("train-data: epoch %d on this process skipped %s", self.epoch, describe_bad(stats))
+        elif stats and stats.get("bad_total"):
             reasons = ", ".join(f"{k} {v}" for k, v in stats["bad"].items() if v)
             log.warning("train-data: epoch %d skipped %d bad sample(s)/shard(s) on this process (%s); see the "
                         "'skipping bad sample' warnings for which", self.epoch, stats["bad_total"], reasons)
@@ -151,7 +183,7 @@ def train_one_epoch(run: TrainRun, epoch: int, speed: Speed) -> bool:
     loader = run.make_loader(epoch, first * accum)
     monitor = _bad_data_monitor(run, loader)
     run.model.train()
-    out = _EpochLog(run, epoch, first)
+    out = _EpochLog(run, epoch, first, speed)
     it = iter(loader)
     stopped = False
     end = time.time()
@@ -186,6 +218,8 @@ def train_one_epoch(run: TrainRun, epoch: int, speed: Speed) -> bool:
         last_in_epoch = local + 1 == spe
         if run.step % p["log_every_n_steps"] == 0 or last_in_epoch:
             out.write(local, lr)
+        elif out.bar is None and run.is_main and speed.progress.due():  # no terminal: a line every ~30 s
+            out.progress(local)
         if last_in_epoch:
             break
         preempted = run.preemption.requested()
