@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from pyprotoclip.data.index import ShardIndex
-from pyprotoclip.data.pipeline import _decode_image, _parse, _seed_of, preprocess_seeded
+from pyprotoclip.data.pipeline import BadDataError, _decode_image, _parse, _seed_of, preprocess_seeded
 
 PURPOSE_EXTRACT, PURPOSE_TRAIN = 1, 2
 MAX_REPLACEMENTS = 16
@@ -59,6 +59,7 @@ class EpisodeSamples(Dataset):
         n = len(self.index)
         i = self.ids[j]
         aug_seed = _seed_of(self.seed, self.purpose, self.epoch, self.positions[j]) % (1 << 62)
+        why = ""
         for bad in range(MAX_REPLACEMENTS):
             try:
                 reason, img, caption, label = _parse(self.index.read(i))
@@ -66,11 +67,13 @@ class EpisodeSamples(Dataset):
                     image = preprocess_seeded(self.preprocess, _decode_image(img), aug_seed, get_worker_info() is not None)
                     return {"image": image, "caption": caption, "label": label, "key": str(self.index.keys[i]),
                             "index": i, "episode_pos": self.positions[j], "bad": bad}
-            except Exception:  # noqa: BLE001 - PIL and tar damage raise many types; the sample is replaced
-                pass
+                why = reason
+            except Exception as exc:  # noqa: BLE001 - PIL and tar damage raise many types; the sample is replaced
+                why = f"{type(exc).__name__}: {exc}"
             i = (i + 1) % n
-        raise RuntimeError(f"train-data: {MAX_REPLACEMENTS} consecutive unreadable samples from sample {self.ids[j]} "
-                           f"({self.index.shards[self.index.shard_of(self.ids[j])]}); the shards look damaged")
+        raise BadDataError(f"train-data: {MAX_REPLACEMENTS} consecutive unreadable samples from sample {self.ids[j]} "
+                           f"({self.index.shards[self.index.shard_of(self.ids[j])]}: {why}); the shards look damaged "
+                           "or were changed after the run started")
 
 
 class EpisodeLoader:
@@ -89,6 +92,7 @@ class EpisodeLoader:
         self.num_batches = rnd(len(self.order) / batch_size)
         self.num_samples = len(self.order)
         self._bad: Counter = Counter()
+        self._seen = 0
 
     def __len__(self) -> int:
         return max(0, self.num_batches - self.start_batch)
@@ -112,12 +116,17 @@ class EpisodeLoader:
         loader = DataLoader(self.samples, batch_sampler=batches, collate_fn=self._collate, num_workers=self.workers,
                             pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
         for batch in loader:
-            self._bad["bad_image"] += batch.pop("__bad__")
+            n_bad = batch.pop("__bad__")
+            self._bad["bad_image"] += n_bad
+            self._seen += n_bad + len(batch["key"])
             yield batch
 
     def stats(self) -> dict[str, Any]:
+        """{"bad": {reason: count}, "bad_total", "bad_samples", "samples_seen", "worst_shards"} of the samples
+        read so far (a replaced sample counts as bad; --max-bad-fraction judges bad_samples / samples_seen)."""
         bad = {k: int(v) for k, v in self._bad.items() if v}
-        return {"bad": bad, "bad_total": sum(bad.values())}
+        total = sum(bad.values())
+        return {"bad": bad, "bad_total": total, "bad_samples": total, "samples_seen": self._seen, "worst_shards": []}
 
 
 def epoch_order(positions: int, *, seed: int, epoch: int, rank: int) -> torch.Tensor:

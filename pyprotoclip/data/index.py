@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pyprotoclip.data.pipeline import _parse, group_samples, iter_tar_entries
+from pyprotoclip.data.pipeline import BadDataError, _describe_exc, _parse, group_samples, iter_tar_entries, name_shards
 
 logger = logging.getLogger("pyprotoclip.data")
 
@@ -57,6 +57,12 @@ def _scan(shard: str) -> dict[str, np.ndarray]:
     }
 
 
+def _empty_index() -> dict[str, np.ndarray]:
+    return {"keys": np.array([], dtype=np.str_), "member_sample": np.array([], dtype=np.int64),
+            "member_ext": np.array([], dtype=np.str_), "member_offset": np.array([], dtype=np.int64),
+            "member_size": np.array([], dtype=np.int64)}
+
+
 def load_shard_index(shard: str, *, cache: bool = True) -> dict[str, np.ndarray]:
     """The index of one local shard, from its cache file when that matches the shard, else by scanning it."""
     path = _index_path(shard)
@@ -86,12 +92,26 @@ class ShardIndex:
 
     ``keys[i]`` is sample i's key; ``read(i)`` returns its raw members {"__key__", "__url__", ext: bytes},
     the same dict a streaming read of the shard gives. File handles are opened lazily and kept per process
-    (safe in DataLoader workers: each has its own).
+    (safe in DataLoader workers: each has its own). A shard that cannot be indexed (damaged, unreadable) is left
+    out with a warning naming it (``damaged``); BadDataError when every shard is.
     """
 
-    def __init__(self, shards: Sequence[str], *, cache: bool = True) -> None:
+    def __init__(self, shards: Sequence[str], *, cache: bool = True, flag: str = "shards") -> None:
         self.shards = list(shards)
-        per_shard = [load_shard_index(s, cache=cache) for s in self.shards]
+        self.damaged: dict[str, str] = {}  # shard -> what is wrong: left out of the index (no samples)
+        per_shard = []
+        for s in self.shards:
+            try:
+                per_shard.append(load_shard_index(s, cache=cache))
+            except Exception as exc:  # noqa: BLE001 - a damaged or unreadable shard is left out, never the run
+                self.damaged[s] = _describe_exc(exc)
+                per_shard.append(_empty_index())
+        if self.damaged:
+            items = [(s, self.damaged[s]) for s in self.shards if s in self.damaged]
+            if len(items) == len(self.shards):
+                raise BadDataError(f"{flag}: every shard is damaged ({len(items)} of {len(self.shards)}): {name_shards(items)}")
+            logger.warning("%s: %d of %d shard(s) are damaged and left out: %s", flag, len(items), len(self.shards),
+                           name_shards(items))
         counts = np.array([len(a["keys"]) for a in per_shard], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # sample number of each shard's first sample
         self.keys = np.concatenate([a["keys"] for a in per_shard]) if per_shard else np.array([], dtype=np.str_)

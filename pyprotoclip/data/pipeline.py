@@ -16,8 +16,17 @@ starts another pass, reshuffled, when it has fewer samples than its quota of bat
 shards with replacement. Every batch is full. An epoch has ceil(num_samples / (batch_size * world_size)) batches per
 rank. Evaluation streams read each shard of the rank once, in order, without shuffling.
 
-Bad samples (no image, no caption, an image PIL cannot decode, a truncated tar) are skipped, counted by reason and
-reported with a rate-limited warning; :meth:`Loader.stats` sums the counts over workers.
+Bad data never ends a run by itself and is never skipped silently. Bad samples (no image, no caption or an empty
+one, a caption that is not UTF-8, an image PIL cannot decode) and damaged shards (not a tar, truncated, a bad header,
+unreadable or deleted after the run started) are skipped, counted by reason and by shard, and reported with a
+rate-limited warning; captions longer than MAX_CAPTION_CHARS characters are cut to that length (counted, not bad).
+The counts travel to the main process inside every batch (a snapshot of the worker's counts) and in a last stats-only
+item; :meth:`Loader.stats` sums them over workers. Before reading, :func:`build_loader` checks the first tar header of
+every local shard: when every shard is damaged it raises :class:`BadDataError` naming them. With
+``DataConfig.max_bad_fraction`` a worker whose bad share (after ``BAD_CHECK_MIN_SAMPLES`` samples) passes it stops,
+so a worker that finds only bad data cannot stall the step that waits for its batch; a training stream that ends
+before its epoch's batches raises :class:`BadDataError` naming the damaged shards and the worst ones.
+:class:`BadDataMonitor` applies the same limit to the counts of every worker of every process.
 """
 
 from __future__ import annotations
@@ -46,6 +55,14 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt", "text", "caption")
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # pipe:, http://, s3://, ... (not checked to exist)
 BAD_REASONS = ("missing_image", "missing_caption", "bad_caption", "bad_image", "bad_shard")
+MAX_CAPTION_CHARS = 1000  # longer captions are cut here: the tokenizers keep 77 tokens, and BPE of megabytes is slow
+BAD_CHECK_MIN_SAMPLES = 1000  # --max-bad-fraction judges after this many samples (or the epoch's, when fewer)
+SHARDS_REPORTED = 8  # worst shards a worker reports with each batch
+
+
+class BadDataError(ValueError):
+    """The data cannot give what was asked: every shard damaged, a training stream that ran out because its shards
+    are damaged, or more bad samples than ``max_bad_fraction`` allows. The message is one line naming the shards."""
 
 
 @dataclass
@@ -57,6 +74,9 @@ class DataConfig:
     num_samples: samples per epoch (global); None: the sum from sizes.json beside the shards.
     resampled: draw shards with replacement (train). seed: shard order and shuffle seed.
     shuffle_buffer: samples per worker (train only). drop_last: eval only; training batches are always full.
+    max_bad_fraction: a data worker stops (and the loader raises BadDataError) when more than this share of the
+    samples it read is bad, once it read BAD_CHECK_MIN_SAMPLES (or its epoch's samples, when fewer); None: never.
+    flag: what error messages call these shards ("train-data", "val-data", "data").
     """
 
     shards: str
@@ -67,6 +87,8 @@ class DataConfig:
     seed: int = 0
     shuffle_buffer: int = 1000
     drop_last: bool = True
+    max_bad_fraction: float | None = None
+    flag: str = "shards"
 
 
 # ----------------------------------------------------------------------------------------------- shard specs
@@ -76,23 +98,24 @@ def _is_url(path: str) -> bool:
     return bool(_URL_RE.match(path)) and not os.path.exists(path)
 
 
-def expand_shards(spec: str) -> list[str]:
+def expand_shards(spec: str, flag: str = "shards") -> list[str]:
     """Expand '::'-joined brace specs ("a/{000..009}.tar::b/x.tar") into a list of shard paths.
 
-    Local paths are checked to exist (FileNotFoundError naming the missing ones); URLs (pipe:, http://, ...) are not.
+    Local paths are checked to exist (FileNotFoundError naming the missing ones, the first few and a count, after
+    ``flag``); URLs (pipe:, http://, ...) are not.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"shards: expected a non-empty shard spec such as 'dir/{{00000..00009}}.tar', got {spec!r}")
+        raise ValueError(f"{flag}: expected a non-empty shard spec such as 'dir/{{00000..00009}}.tar', got {spec!r}")
     shards: list[str] = []
     for part in spec.split("::"):
         part = part.strip()
         if not part:
-            raise ValueError(f"shards: empty part in shard spec {spec!r} (parts are joined by '::')")
+            raise ValueError(f"{flag}: empty part in shard spec {spec!r} (parts are joined by '::')")
         shards.extend(braceexpand.braceexpand(os.path.expanduser(part)))
     missing = [s for s in shards if not _is_url(s) and not os.path.isfile(s)]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise FileNotFoundError(f"shards: {len(missing)} of {len(shards)} shard(s) not found: {', '.join(missing[:3])}{more} (from {spec!r})")
+        raise FileNotFoundError(f"{flag}: {len(missing)} of {len(shards)} shard(s) not found: {', '.join(missing[:3])}{more} (from {spec!r})")
     return shards
 
 
@@ -297,25 +320,153 @@ def group_samples(members: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, dic
         yield key, parts
 
 
-def iter_raw_samples(url: str, stats: Counter, warn: Callable[[str, str, str], None]) -> Iterator[dict[str, Any]]:
+class StreamStats(Counter):
+    """One data stream's counts (a Counter: samples_read, samples_yielded, shards, a count per bad reason,
+    samples_lost, captions_truncated, ...) plus, per shard, its bad samples (``by_shard``) and the first thing found
+    wrong with it (``why``). ``ended`` says why the stream stopped before its quota (None: it did not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_shard: Counter = Counter()
+        self.why: dict[str, str] = {}
+        self.ended: str | None = None
+        self.pass_samples: int | None = None  # samples in this stream's first full pass over its shards
+
+    def bad_in(self, url: str, reason: str, n: int = 1, detail: str = "") -> None:
+        """Count ``n`` bad samples of ``url`` (already counted by reason by the caller)."""
+        self.by_shard[url] += n
+        self.why.setdefault(url, f"{reason}: {detail}" if detail else reason)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What travels with a batch: the counts, the worst SHARDS_REPORTED shards (url, bad, why), ``ended``."""
+        worst = [(u, int(n), self.why.get(u, "")) for u, n in self.by_shard.most_common(SHARDS_REPORTED)]
+        return {"counts": {k: int(v) for k, v in self.items()}, "shards": worst, "ended": self.ended}
+
+
+def bad_samples_of(counts: dict[str, int]) -> tuple[int, int]:
+    """(bad, seen) samples of a stream's counts: bad samples of every reason plus the samples lost in damaged shards,
+    out of the samples checked (read and judged good or bad; a shuffle buffer holds some read, not yet judged) plus
+    those lost."""
+    lost = int(counts.get("samples_lost", 0))
+    bad = sum(int(counts.get(r, 0)) for r in BAD_REASONS if r != "bad_shard") + lost
+    return bad, int(counts.get("samples_checked", counts.get("samples_read", 0))) + lost
+
+
+def too_bad(bad: int, seen: int, max_fraction: float | None, min_samples: int) -> bool:
+    """More than ``max_fraction`` of ``seen`` samples bad, once at least ``min_samples`` (>= 1) were seen."""
+    return max_fraction is not None and seen >= max(1, min_samples) and bad > max_fraction * seen
+
+
+def _describe_exc(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "missing: deleted or moved after the run started"
+    if isinstance(exc, TarDamaged):
+        return f"damaged tar: {exc}"
+    if isinstance(exc, OSError):
+        return f"unreadable: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _header_problem(head: bytes) -> str | None:
+    """What is wrong with a file whose first bytes are ``head`` (up to 512), as a tar shard; None: nothing seen."""
+    if not head:
+        return "an empty file, 0 bytes"
+    if head[:2] == b"\x1f\x8b":
+        return "gzip-compressed, shards must be uncompressed .tar"
+    if len(head) < 512:
+        return f"not a tar file, {len(head)} bytes, shorter than one tar header"
+    if head == b"\0" * 512:
+        return "an empty tar, no members"
+    try:
+        chksum = _octal(head[148:156])
+    except TarDamaged:
+        chksum = -1
+    if chksum != sum(head[:148]) + 256 + sum(head[156:]):
+        return "not a tar file: its first header's checksum is wrong"
+    return None
+
+
+_HEADERS_CHECKED: dict[tuple[str, ...], dict[str, str]] = {}
+_DAMAGED_WARNED: set[tuple[str, ...]] = set()
+
+
+def check_shard_headers(shards: list[str]) -> dict[str, str]:
+    """{shard: what is wrong} for the local shards that cannot be opened or do not start with a tar header (URLs are
+    not opened). Reads 512 bytes per shard; the answer for a shard list is kept for the process."""
+    key = tuple(shards)
+    if key not in _HEADERS_CHECKED:
+        bad: dict[str, str] = {}
+        for s in shards:
+            if _is_url(s):
+                continue
+            try:
+                with open(s, "rb") as f:
+                    head = f.read(512)
+            except OSError as exc:
+                bad[s] = _describe_exc(exc)
+                continue
+            why = _header_problem(head)
+            if why:
+                bad[s] = why
+        _HEADERS_CHECKED[key] = bad
+    return _HEADERS_CHECKED[key]
+
+
+def name_shards(items: list[tuple[str, str]], total: int | None = None, first: int = 3) -> str:
+    """'a.tar (why), b.tar (why), c.tar (why) and 4 more' for (shard, why) pairs (``total``: their full count)."""
+    total = len(items) if total is None else total
+    text = ", ".join(f"{u} ({why})" if why else u for u, why in items[:first])
+    return text + (f" and {total - min(first, len(items))} more" if total > min(first, len(items)) else "")
+
+
+def iter_raw_samples(url: str, stats: Counter, warn: Callable[[str, str, str], None], *,
+                     expected: int | None = None) -> Iterator[dict[str, Any]]:
     """Samples of one tar as dicts {"__key__", "__url__", ext: bytes}, grouped by key as webdataset does.
 
-    A shard that cannot be opened, or that ends inside a member (truncated), counts one "bad_shard"; the samples
-    read before the damage are kept.
+    A shard that cannot be opened, or that ends inside a member (truncated) or at a bad header, counts one
+    "bad_shard"; the samples read before the damage are kept. The samples it did not give count as "samples_lost":
+    ``expected`` (sizes.json) less those read, else this stream's mean per intact shard (at least 1).
     """
+    read_here = 0
     try:
         with _open_shard(url) as f:
             stats["shards"] += 1
             # a sample is complete when the next one starts: the half-read one at a point of damage is dropped
             for key, parts in group_samples(iter_tar_members(f)):
                 stats["samples_read"] += 1
+                read_here += 1
                 yield {"__key__": key, "__url__": url, **parts}
+        stats["shards_intact"] += 1
+        stats["samples_in_intact_shards"] += read_here
     except Exception as exc:  # noqa: BLE001 - any damage ends this shard, never the run
+        if expected is None:
+            expected = round(stats["samples_in_intact_shards"] / stats["shards_intact"]) if stats["shards_intact"] else 1
+        lost = max(1, expected - read_here)
         stats["bad_shard"] += 1
-        warn("bad_shard", url, f"{type(exc).__name__}: {exc}")
+        stats["samples_lost"] += lost
+        detail = _describe_exc(exc)
+        if isinstance(stats, StreamStats):
+            stats.bad_in(url, "bad_shard", lost, detail)
+        warn("bad_shard", url, detail)
 
 
-def _parse(sample: dict[str, Any]) -> tuple[str | None, tuple[str, bytes] | None, str | None, int]:
+def _decode_caption(raw: bytes, stats: Counter | None = None) -> tuple[str | None, str | None]:
+    """(bad reason or None, caption): not UTF-8 -> "bad_caption", empty -> "missing_caption"; captions longer than
+    MAX_CAPTION_CHARS are cut to it (counted as "captions_truncated" in ``stats``)."""
+    try:
+        caption = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return "bad_caption", None
+    if not caption:
+        return "missing_caption", None
+    if len(caption) > MAX_CAPTION_CHARS:
+        caption = caption[:MAX_CAPTION_CHARS].rstrip()
+        if stats is not None:
+            stats["captions_truncated"] += 1
+    return None, caption
+
+
+def _parse(sample: dict[str, Any], stats: Counter | None = None) -> tuple[str | None, tuple[str, bytes] | None, str | None, int]:
     """(bad reason or None, image bytes, caption, label) without decoding the image."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
@@ -324,12 +475,9 @@ def _parse(sample: dict[str, Any]) -> tuple[str | None, tuple[str, bytes] | None
     raw = next((sample[e] for e in CAPTION_EXTS if e in sample), None)
     if raw is None:
         return "missing_caption", None, None, -1
-    try:
-        caption = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return "bad_caption", None, None, -1
-    if not caption:
-        return "missing_caption", None, None, -1
+    reason, caption = _decode_caption(raw, stats)
+    if reason is not None:
+        return reason, None, None, -1
     label = -1
     if "cls" in sample:
         try:
@@ -339,6 +487,7 @@ def _parse(sample: dict[str, Any]) -> tuple[str | None, tuple[str, bytes] | None
     return None, img, caption, label
 
 
+_PIL_NOISE = re.compile(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 _FORMAT_OF_EXT = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
@@ -437,19 +586,35 @@ class WebDatasetStream(IterableDataset):
             random.Random(_seed_of(cfg.seed, self.epoch, self.rank, self.world_size, self.workers, logical, 2, p)).shuffle(order)
             yield from order
 
-    def _raw_stream(self, logical: int, stats: Counter, warn) -> Iterator[dict[str, Any]]:
+    def _raw_stream(self, logical: int, stats: StreamStats, warn, min_bad: int) -> Iterator[dict[str, Any]]:
         read_in_pass, shards_in_pass = 0, 0
         n_mine = len(self.worker_shards(logical)) if not (self.is_train and self.cfg.resampled) else len(self.shards)
         for s in self._shard_sequence(logical):
-            for sample in iter_raw_samples(self.shards[s], stats, warn):
+            expected = self.sizes[s] if self.sizes is not None else None
+            for sample in iter_raw_samples(self.shards[s], stats, warn, expected=expected):
                 read_in_pass += 1
                 yield sample
+            if self._stop_for_bad(stats, min_bad):
+                return
             shards_in_pass += 1
             if shards_in_pass >= max(n_mine, 1):
                 if read_in_pass == 0:
-                    logger.warning("worker %d of rank %d: a full pass over its %d shard(s) gave no samples; stopping", logical, self.rank, n_mine)
+                    if self.is_train:
+                        logger.warning("worker %d of rank %d: a full pass over its %d shard(s) gave no samples; stopping",
+                                       logical, self.rank, n_mine)
+                        stats.ended = f"a full pass over a data worker's {n_mine} shard(s) gave no samples"
                     return
+                if stats.pass_samples is None:
+                    stats.pass_samples = read_in_pass
                 read_in_pass, shards_in_pass = 0, 0
+
+    def _stop_for_bad(self, stats: StreamStats, min_samples: int) -> bool:
+        """Whether this stream's bad share passed ``max_bad_fraction`` (then ``stats.ended`` says so)."""
+        bad, seen = bad_samples_of(stats)
+        if too_bad(bad, seen, self.cfg.max_bad_fraction, min_samples):
+            stats.ended = f"more than --max-bad-fraction {self.cfg.max_bad_fraction:g} of a data worker's samples are bad"
+            return True
+        return False
 
     def _shuffled(self, stream: Iterator[dict[str, Any]], logical: int) -> Iterator[dict[str, Any]]:
         size = self.cfg.shuffle_buffer
@@ -470,13 +635,13 @@ class WebDatasetStream(IterableDataset):
 
     # iteration --------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        stats: Counter = Counter()
+        stats = StreamStats()
         logical = yield from self._batches(stats)
         # a last stats-only item (dropped by Loader): counts made after the worker's last batch arrive too. It is
         # the worker's last item, so the round-robin order of the real batches is unchanged.
-        yield {"__stats__": (logical, dict(stats))}
+        yield {"__stats__": (logical, stats.snapshot())}
 
-    def _batches(self, stats: Counter):
+    def _batches(self, stats: StreamStats):
         info = get_worker_info()
         physical = info.id if info is not None else 0
         W = self.workers
@@ -484,12 +649,26 @@ class WebDatasetStream(IterableDataset):
         skip = max(0, math.ceil((self.start_batch - logical) / W))
         quota = self.worker_quota(logical)
         warn = _BadSampleLog()
-
-        def bad(reason: str, sample: dict[str, Any], detail: str = "") -> None:
-            stats[reason] += 1
-            warn(reason, f"{sample['__url__']}:{sample['__key__']}", detail)
-
         B = self.cfg.batch_size
+        min_bad = min(BAD_CHECK_MIN_SAMPLES, quota * B) if quota else BAD_CHECK_MIN_SAMPLES
+        streak = 0  # bad samples since the last usable one
+
+        def bad(reason: str, sample: dict[str, Any], detail: str = "") -> bool:
+            """Count a bad sample; True when the stream must stop (too many bad ones, or no usable one in sight)."""
+            nonlocal streak
+            stats[reason] += 1
+            stats.bad_in(sample["__url__"], reason, 1, detail)
+            warn(reason, f"{sample['__url__']}:{sample['__key__']}", detail)
+            streak += 1
+            if self._stop_for_bad(stats, min_bad):
+                return True
+            # liveness: a training stream cycles over its shards forever; with no usable sample in two passes (plus
+            # the shuffle buffer) it never will fill a batch
+            if self.is_train and stats.pass_samples and streak > 2 * (stats.pass_samples + max(self.cfg.shuffle_buffer, 1)):
+                stats.ended = f"a data worker read {streak} bad samples in a row, two passes over its shards, and no usable one"
+                return True
+            return False
+
         produced = 0
         images: list[Any] = []
         captions: list[str] = []
@@ -504,10 +683,14 @@ class WebDatasetStream(IterableDataset):
         aug_base = _seed_of(self.cfg.seed, self.epoch, self.rank, self.world_size, W, logical, 4)
         in_worker = info is not None
         n_valid = 0
-        for sample in self._shuffled(self._raw_stream(logical, stats, warn), logical):
-            reason, img, caption, label = _parse(sample)
+        for sample in self._shuffled(self._raw_stream(logical, stats, warn, min_bad), logical):
+            if stats.ended:
+                return logical
+            stats["samples_checked"] += 1
+            reason, img, caption, label = _parse(sample, stats)
             if reason is not None:
-                bad(reason, sample)
+                if bad(reason, sample):
+                    return logical
                 continue
             n_valid += 1
             try:
@@ -516,8 +699,10 @@ class WebDatasetStream(IterableDataset):
                 else:
                     _check_image_cheaply(img)
             except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
-                bad("bad_image", sample, f"{type(exc).__name__}: {exc}")
+                if bad("bad_image", sample, _PIL_NOISE.sub("", f"{type(exc).__name__}: {exc}")):
+                    return logical
                 continue
+            streak = 0
             captions.append(caption)
             labels.append(label)
             keys.append(sample["__key__"])
@@ -532,12 +717,14 @@ class WebDatasetStream(IterableDataset):
                 decoding = produced >= skip
                 if quota is not None and produced >= quota:
                     return logical
-        if captions and decoding and not self.cfg.drop_last and not self.is_train:
+        if quota is not None and stats.ended is None:
+            stats.ended = "a data worker's stream ended"
+        if captions and decoding and not self.cfg.drop_last and not self.is_train and not stats.ended:
             stats["samples_yielded"] += len(captions)
             yield self._collate(images, captions, labels, keys, logical, stats)
         return logical
 
-    def _collate(self, images, captions, labels, keys, logical: int, stats: Counter) -> dict[str, Any]:
+    def _collate(self, images, captions, labels, keys, logical: int, stats: StreamStats) -> dict[str, Any]:
         text = self.tokenize(captions)
         if not isinstance(text, torch.Tensor):
             text = torch.as_tensor(text)
@@ -547,7 +734,7 @@ class WebDatasetStream(IterableDataset):
             "label": torch.tensor(labels, dtype=torch.long),
             "caption": list(captions),
             "key": list(keys),
-            "__stats__": (logical, dict(stats)),
+            "__stats__": (logical, stats.snapshot()),
         }
 
 
@@ -575,19 +762,41 @@ class Loader:
         return max(0, self.num_batches - self.start_batch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        flag, yielded = self.stream.cfg.flag, 0
         for batch in self.dataloader:
-            logical, counts = batch.pop("__stats__")
-            self._stats[logical] = counts
+            logical, snap = batch.pop("__stats__")
+            self._stats[logical] = snap
+            if snap["ended"]:
+                # a worker gave up before its quota (training) or passed max_bad_fraction: say why, with the shards
+                raise BadDataError(f"{flag}: stopped after {yielded} of {len(self)} batches on this process: "
+                                   f"{snap['ended']}; {describe_bad(self.stats())}")
             if batch:
+                yielded += 1
                 yield batch
+        st = self.stats()
+        if self.stream.is_train and yielded < len(self):
+            raise BadDataError(f"{flag}: the data ran out after {yielded} of {len(self)} batches on this process; "
+                               f"{describe_bad(st)}")
+        if not self.stream.is_train and yielded == 0 and (st["bad_total"] or st["samples_read"] == 0):
+            raise BadDataError(f"{flag}: no usable sample in {len(self.stream.rank_shards())} shard(s); {describe_bad(st)}")
+        if st["bad_total"]:
+            logger.warning("%s: skipped %s", flag, describe_bad(st))
 
     def stats(self) -> dict[str, Any]:
-        """{"samples_read", "samples_yielded", "shards", "bad": {reason: count}, "bad_total", ...} summed over the
-        workers, as reported so far (complete once the loader is exhausted)."""
+        """{"samples_read", "samples_yielded", "shards", "bad": {reason: count}, "bad_total", "bad_samples",
+        "samples_seen", "samples_lost", "captions_truncated", "worst_shards": [(shard, bad samples, why)], ...} summed
+        over the workers, as reported so far (complete once the loader is exhausted). ``bad_samples`` / ``samples_seen``
+        is the share --max-bad-fraction judges: bad samples plus those lost in damaged shards, out of read plus lost."""
         total: Counter = Counter()
-        for counts in self._stats.values():
-            total.update(counts)
+        shards: Counter = Counter()
+        why: dict[str, str] = {}
+        for snap in self._stats.values():
+            total.update(snap["counts"])
+            for url, n, w in snap["shards"]:
+                shards[url] += n
+                why.setdefault(url, w)
         bad = {r: int(total.get(r, 0)) for r in BAD_REASONS}
+        bad_samples, seen = bad_samples_of(total)
         return {
             "samples_read": int(total.get("samples_read", 0)),
             "samples_yielded": int(total.get("samples_yielded", 0)),
@@ -595,8 +804,84 @@ class Loader:
             "shards": int(total.get("shards", 0)),
             "bad": bad,
             "bad_total": sum(bad.values()),
+            "bad_samples": bad_samples,
+            "samples_seen": seen,
+            "samples_lost": int(total.get("samples_lost", 0)),
+            "captions_truncated": int(total.get("captions_truncated", 0)),
+            "worst_shards": [(u, int(n), why[u]) for u, n in shards.most_common(SHARDS_REPORTED)],
             "workers_reporting": len(self._stats),
         }
+
+
+def describe_bad(stats: dict[str, Any], worst: int = 3) -> str:
+    """One line for :meth:`Loader.stats`-like counts: bad samples of the samples seen, by reason, damaged shards
+    and the worst shards with what was wrong with them."""
+    reasons = ", ".join(f"{r} {n}" for r, n in stats["bad"].items() if n and r != "bad_shard")
+    parts = [f"{stats['bad_samples']} of {stats['samples_seen']} samples bad" + (f" ({reasons})" if reasons else "")]
+    if stats["bad"].get("bad_shard"):
+        parts.append(f"{stats['bad']['bad_shard']} damaged shard read(s), about {stats['samples_lost']} samples lost")
+    if stats["worst_shards"]:
+        parts.append("worst shards: " + name_shards([(u, f"{n} bad, {w}" if w else f"{n} bad")
+                                                      for u, n, w in stats["worst_shards"]], first=worst))
+    return "; ".join(parts)
+
+
+class BadDataMonitor:
+    """--max-bad-fraction over every data worker of every process: :meth:`check` after each step raises
+    BadDataError (the same step, the same message, on every rank) once more than ``max_fraction`` of the samples
+    seen so far is bad and at least ``min_samples`` were seen.
+
+    ``reduce`` sums a list of ints over processes (identity for one); ``gather`` returns every process's object.
+    Both are collective: every process must call :meth:`check` at the same steps.
+    """
+
+    def __init__(self, max_fraction: float | None, min_samples: int, flag: str = "train-data", *,
+                 reduce: Callable[[list[int]], list[int]] | None = None,
+                 gather: Callable[[Any], list[Any]] | None = None) -> None:
+        self.max_fraction, self.min_samples, self.flag = max_fraction, min_samples, flag
+        self.reduce = reduce or (lambda xs: xs)
+        self.gather = gather or (lambda x: [x])
+        self.base = (0, 0)  # (bad, seen) of the epochs before, per process
+
+    def check(self, stats: dict[str, Any] | None, *, epoch_done: bool = False) -> None:
+        if self.max_fraction is None:
+            return
+        bad, seen = (stats.get("bad_samples", 0), stats.get("samples_seen", 0)) if stats else (0, 0)
+        bad, seen = bad + self.base[0], seen + self.base[1]
+        if epoch_done:
+            self.base = (bad, seen)
+        g_bad, g_seen = self.reduce([int(bad), int(seen)])
+        if not too_bad(g_bad, g_seen, self.max_fraction, self.min_samples):
+            return
+        worst: list[tuple[str, int, str]] = []
+        for part in self.gather((stats or {}).get("worst_shards", [])):
+            worst.extend(part)
+        worst.sort(key=lambda x: -x[1])
+        shards = name_shards([(u, f"{n} bad, {w}" if w else f"{n} bad") for u, n, w in worst], first=3)
+        raise BadDataError(f"{self.flag}: {g_bad} of the {g_seen} samples read so far are bad ({g_bad / g_seen:.1%}), "
+                           f"more than --max-bad-fraction {self.max_fraction:g} allows" + (f"; worst shards: {shards}" if shards else ""))
+
+
+def _check_shards_before_reading(shards: list[str], sizes: list[int] | None, cfg: DataConfig) -> None:
+    """BadDataError when every shard is damaged, or (with max_bad_fraction) when the damaged ones hold more than that
+    share of the samples; else one warning naming them (they are skipped and counted when read)."""
+    damaged = check_shard_headers(shards)
+    if not damaged:
+        return
+    items = [(s, damaged[s]) for s in shards if s in damaged]
+    n, total = len(items), len(shards)
+    if n == total:
+        raise BadDataError(f"{cfg.flag}: every shard is damaged ({n} of {total}): {name_shards(items)}")
+    if sizes is not None and sum(sizes):
+        share = sum(z for s, z in zip(shards, sizes) if s in damaged) / sum(sizes)
+    else:
+        share = n / total
+    if cfg.max_bad_fraction is not None and share > cfg.max_bad_fraction:
+        raise BadDataError(f"{cfg.flag}: {n} of {total} shard(s) are damaged ({share:.1%} of the samples), more than "
+                           f"--max-bad-fraction {cfg.max_bad_fraction:g} allows: {name_shards(items)}")
+    if tuple(shards) not in _DAMAGED_WARNED:  # once per process for a shard list, not every epoch
+        _DAMAGED_WARNED.add(tuple(shards))
+        logger.warning("%s: %d of %d shard(s) are damaged and are skipped: %s", cfg.flag, n, total, name_shards(items))
 
 
 def build_loader(cfg: DataConfig, *, preprocess: Callable[[Image.Image], torch.Tensor], tokenize: Callable[[list[str]], torch.Tensor],
@@ -621,8 +906,11 @@ def build_loader(cfg: DataConfig, *, preprocess: Callable[[Image.Image], torch.T
     if cfg.num_samples is not None and (not isinstance(cfg.num_samples, int) or cfg.num_samples < 1):
         raise ValueError(f"num_samples: expected a positive int or None, got {cfg.num_samples!r}")
 
-    shards = expand_shards(cfg.shards)
+    if cfg.max_bad_fraction is not None and not 0 <= cfg.max_bad_fraction <= 1:
+        raise ValueError(f"max_bad_fraction: expected a fraction in [0, 1] or None, got {cfg.max_bad_fraction!r}")
+    shards = expand_shards(cfg.shards, cfg.flag)
     sizes = shard_sizes(shards)
+    _check_shards_before_reading(shards, sizes, cfg)
     if cfg.num_samples is not None:
         num_samples = cfg.num_samples
     elif sizes is not None:

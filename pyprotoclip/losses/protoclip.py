@@ -243,11 +243,11 @@ class ProtoCLIPMethod(Method):
             from pyprotoclip.data import expand_shards
             from pyprotoclip.data.index import ShardIndex
 
-            shards = expand_shards(self.params["train_data"])
+            shards = expand_shards(self.params["train_data"], "train-data")
             if any(not os.path.isfile(s) for s in shards):
                 raise ValueError("train-data: --method protoclip reads episodes by random access and needs local shard "
                                  "files (pipe: and URL shards stream only)")
-            self._index = ShardIndex(shards)
+            self._index = ShardIndex(shards, flag="train-data")
         return self._index
 
     def episode_size(self) -> int:

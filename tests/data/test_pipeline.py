@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pyprotoclip.data import DataConfig, build_loader, expand_shards, read_zeroshot_files
-from pyprotoclip.data.pipeline import TarDamaged, iter_tar_members
+from pyprotoclip.data.pipeline import BadDataError, TarDamaged, iter_tar_members
 from pyprotoclip.data.writer import ShardWriter
 from tests.data.helpers import jpeg_bytes, preprocess, tokenize, write_good_shards
 
@@ -347,8 +347,17 @@ def test_read_zeroshot_files_missing(tmp_path):
 def test_train_stream_over_only_broken_shards_ends_instead_of_spinning(tmp_path):
     for i in range(2):
         (tmp_path / f"{i:05d}.tar").write_bytes(b"garbage" * 100)
-    loader = load(DataConfig(str(tmp_path / "{00000..00001}.tar"), batch_size=2, workers=0, num_samples=10), is_train=True)
-    assert list(loader) == []
+    cfg = DataConfig(str(tmp_path / "{00000..00001}.tar"), batch_size=2, workers=0, num_samples=10)
+    with pytest.raises(BadDataError, match=r"every shard is damaged \(2 of 2\)"):  # found before reading
+        load(cfg, is_train=True)
+    # tar headers that pass the check, cut inside the first sample: the stream ends with an error naming the shards
+    spec = write_good_shards(str(tmp_path / "cut"), 2, 3)
+    for path in expand_shards(spec):
+        raw = open(path, "rb").read()
+        open(path, "wb").write(raw[:700])
+    loader = load(DataConfig(spec, batch_size=2, workers=0, num_samples=10), is_train=True)
+    with pytest.raises(BadDataError, match=r"stopped after 0 of 5 batches.*gave no samples.*00000\.tar"):
+        list(loader)
     st = loader.stats()
     assert st["bad"]["bad_shard"] == 2 and st["samples_read"] == 0
 
