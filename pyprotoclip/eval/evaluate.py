@@ -197,6 +197,9 @@ def format_notes(results: dict[str, Any]) -> list[str]:
     if "retrieval_distinct_captions" in results:
         notes.append(f"retrieval: {results['retrieval_distinct_captions']} distinct captions among "
                      f"{results['retrieval_num_captions']}; a caption with the same text as the query's counts as correct")
+    if results.get("bad_samples"):
+        notes.append(f"data: {results['bad_samples']} bad sample(s) skipped ({results.get('damaged_shards', 0)} damaged "
+                     f"shard read(s)), not in these numbers; the warnings above name the shards")
     if results.get("skipped"):
         notes.append(f"skipped: {'; '.join(results['skipped'])}")
     return notes

@@ -70,6 +70,10 @@ def evaluate_model(
     net = unwrap(model)
     feats = extract_features(net, loader, device=device, autocast=autocast)
     metrics: dict[str, Any] = {"num_samples": int(feats["image_features"].shape[0])}
+    stats = loader.stats() if hasattr(loader, "stats") else None
+    if stats and "bad_samples" in stats:  # skipped samples are part of the answer: say how many
+        metrics["bad_samples"] = int(stats["bad_samples"])
+        metrics["damaged_shards"] = int(stats.get("bad", {}).get("bad_shard", 0))
     details: dict[str, Any] = {"features": feats}
     if loss_batch_size:
         scale = net.logit_scale.exp().detach().float().cpu()

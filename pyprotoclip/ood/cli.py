@@ -34,6 +34,9 @@ def _floats3(ctx, param, value):
 @click.option("--workers", type=int, default=2, show_default=True, help="Data-loader workers per process (official: 2).")
 @click.option("--shuffle-buffer", type=int, default=1000, show_default=True,
               help="Samples per worker shuffled together; class-sorted shards (from-folder) need one per worker's share (docs/ood.md).")
+@click.option("--max-bad-fraction", type=float, default=0.1, show_default=True,
+              help="Stop with an error naming the worst shards when a data worker finds more than this fraction of its "
+                   "samples bad (undecodable, no caption, in a damaged shard) after 1000 (1: never stop).")
 @click.option("--num-classes", type=int, default=None, help="Number of classes [default: the lines of classnames.txt beside the shards].")
 @click.option("--batch-size", "-b", type=int, default=512, show_default=True, help="Images per step and process (official runs: 512).")
 @click.option("--epochs", type=int, default=500, show_default=True, help="Epochs (official runs: 500).")
@@ -152,7 +155,7 @@ def score_cmd(checkpoint, model_name, train_data, train_num_samples, mahalanobis
         sm = S.load_scoring_model(checkpoint, model_name=model_name, device=device)
         kw = dict(batch_size=batch_size, workers=workers, device=device)
         needs_train = score_name in ("mahalanobis", "knn") or (score_name == "msp" and sm.logits is None)
-        train = S.extract(sm, train_data, num_samples=train_num_samples, **kw) if (train_data and needs_train) else None
+        train = S.extract(sm, train_data, num_samples=train_num_samples, flag="train-data", **kw) if (train_data and needs_train) else None
         classnames, templates = S.zeroshot_files(train_data, classnames_file, templates_file) if score_name == "mcm" else (None, None)
         scorer, desc = S.build_scorer(score_name, sm, train, mahalanobis_form=mahalanobis_form, knn_k=knn_k,
                                       knn_backend=knn_backend, mcm_temperature=mcm_temperature, classnames=classnames,

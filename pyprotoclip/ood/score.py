@@ -60,12 +60,13 @@ def load_scoring_model(path: str, *, model_name: str | None = None, device: str 
 
 @torch.no_grad()
 def extract(sm: ScoringModel, shards: str, *, batch_size: int = 256, workers: int = 2, num_samples: int | None = None,
-            device: str | torch.device = "cpu", data: Any = None) -> dict[str, Any]:
+            device: str | torch.device = "cpu", data: Any = None, flag: str = "data") -> dict[str, Any]:
     """{"features" (N, D) float32, "labels" (N,) int64 (-1 without .cls), "keys", "logits" (N, C) or None} over
     every sample of ``shards`` (evaluation order: each shard once)."""
     if data is None:
         import pyprotoclip.data as data
-    cfg = data.DataConfig(shards=shards, batch_size=batch_size, workers=workers, num_samples=num_samples, drop_last=False)
+    cfg = data.DataConfig(shards=shards, batch_size=batch_size, workers=workers, num_samples=num_samples, drop_last=False,
+                          flag=flag)
     loader = data.build_loader(cfg, preprocess=sm.preprocess, tokenize=no_text, is_train=False)
     feats, logits, labels, keys = [], [], [], []
     n = 0
@@ -231,9 +232,9 @@ def run_eval(checkpoint: str, *, id_data: str, ood_data: Sequence[str], train_da
     sm = load_scoring_model(checkpoint, model_name=model_name, device=device)
     kw = dict(batch_size=batch_size, workers=workers, device=device, data=data)
     needs_train = any(s in ("mahalanobis", "knn") or (s == "msp" and sm.logits is None) for s in scores)
-    train = extract(sm, train_data, num_samples=train_num_samples, **kw) if (train_data and needs_train) else None
-    id_feats = extract(sm, id_data, **kw)
-    ood_feats = {n: extract(sm, s, **kw) for n, s in zip(names, ood_data)}
+    train = extract(sm, train_data, num_samples=train_num_samples, flag="train-data", **kw) if (train_data and needs_train) else None
+    id_feats = extract(sm, id_data, flag="id-data", **kw)
+    ood_feats = {n: extract(sm, s, flag="ood-data", **kw) for n, s in zip(names, ood_data)}
     classnames, templates = zeroshot_files(id_data, classnames_file, templates_file) if "mcm" in scores else (None, None)
     per_score: dict[str, dict[str, Any]] = {}
     for s in scores:

@@ -40,6 +40,7 @@ PRECISIONS = ("amp", "amp_bf16", "fp32")
 # every flag of `ood train` and its default (the official runner.sh recipe where it sets one)
 DEFAULTS: dict[str, Any] = {
     "train_data": None, "train_num_samples": None, "dataset_resampled": False, "workers": 2, "shuffle_buffer": 1000,
+    "max_bad_fraction": 0.1,
     "num_classes": None,
     "batch_size": 512, "epochs": 500, "lr": 0.5, "wd": 1e-6, "momentum": 0.9, "warmup_epochs": 10,
     "precision": "amp", "backbone": "resnet34", "cifar_stem": None, "image_size": None, "mean": None, "std": None,
@@ -90,6 +91,8 @@ def validate(p: dict[str, Any]) -> None:
                 "max_nonfinite"):
         if not isinstance(p[key], int) or p[key] < 0:
             raise ValueError(f"{key.replace('_', '-')}: expected an int >= 0, got {p[key]!r}")
+    if not isinstance(p["max_bad_fraction"], (int, float)) or not 0 <= p["max_bad_fraction"] <= 1:
+        raise ValueError(f"max-bad-fraction: expected a fraction in [0, 1] (1: never stop), got {p['max_bad_fraction']!r}")
     if p["loss"] not in LOSSES:
         raise ValueError(f"loss: expected one of {LOSSES}, got {p['loss']!r}")
     if p["augment"] not in AUGMENTATIONS:
@@ -224,7 +227,8 @@ class _Run:
         p = self.p
         cfg = self.data.DataConfig(shards=p["train_data"], batch_size=p["batch_size"], workers=p["workers"],
                                    num_samples=p["train_num_samples"], resampled=p["dataset_resampled"], seed=p["seed"],
-                                   shuffle_buffer=p["shuffle_buffer"], drop_last=True)
+                                   shuffle_buffer=p["shuffle_buffer"], drop_last=True, flag="train-data",
+                                   max_bad_fraction=p["max_bad_fraction"] if p["max_bad_fraction"] < 1 else None)
         return self.data.build_loader(cfg, preprocess=self.preprocess, tokenize=no_text, is_train=True, epoch=epoch,
                                       rank=self.rank, world_size=self.world, start_batch=start_batch)
 
