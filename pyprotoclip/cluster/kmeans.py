@@ -9,6 +9,7 @@ then one full pass labels every point against the final centroids.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 
 import torch
@@ -28,6 +29,11 @@ KMEANSPP_MIN_SAMPLE = 10_000
 # k-means++ draws centres one at a time up to this many rounds, then in equal batches per round
 # (each batch drawn from the same D^2 distribution), so large K costs at most this many passes.
 KMEANSPP_MAX_ROUNDS = 128
+
+
+def _is_int(value: object) -> bool:
+    # an int (numpy's too), not a bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _objective(score: torch.Tensor, weights: torch.Tensor | None, metric: str) -> torch.Tensor:
@@ -145,25 +151,30 @@ class KMeans:
         group: dist.ProcessGroup | None = None,
         verbose: bool = False,
     ) -> None:
-        if not isinstance(n_clusters, int) or isinstance(n_clusters, bool) or n_clusters < 1:
+        if not _is_int(n_clusters) or n_clusters < 1:
             raise ValueError(f"n_clusters: expected an int >= 1, got {n_clusters!r}")
-        if not isinstance(n_iter, int) or n_iter < 0:
+        if not _is_int(n_iter) or n_iter < 0:
             raise ValueError(f"n_iter: expected an int >= 0, got {n_iter!r}")
         if metric not in METRICS:
             raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
         if isinstance(init, torch.Tensor):
             if init.dim() != 2 or init.shape[0] != n_clusters or not init.is_floating_point():
                 raise ValueError(f"init: expected a floating ({n_clusters}, d) tensor, got {tuple(init.shape)} {init.dtype}")
+            if init.shape[1] == 0:
+                raise ValueError(f"init: expected a ({n_clusters}, d) tensor with d >= 1, got {tuple(init.shape)}")
+            checks.finite("init", init)
         elif init not in INITS:
             raise ValueError(f"init: expected one of {INITS} or a (K, d) tensor, got {init!r}")
-        if not isinstance(n_redo, int) or n_redo < 1:
+        if not _is_int(n_redo) or n_redo < 1:
             raise ValueError(f"n_redo: expected an int >= 1, got {n_redo!r}")
-        if not isinstance(max_points_per_centroid, int) or max_points_per_centroid < 1:
+        if not _is_int(max_points_per_centroid) or max_points_per_centroid < 1:
             raise ValueError(f"max_points_per_centroid: expected an int >= 1, got {max_points_per_centroid!r}")
-        if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
+        if tol is not None and not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol >= 0):
             raise ValueError(f"tol: expected a float >= 0 or None, got {tol!r}")
-        if backend not in BACKENDS:
+        if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if not _is_int(seed):
+            raise ValueError(f"seed: expected an int, got {seed!r}")
         self.n_clusters = n_clusters
         self.n_iter = n_iter
         self.metric = metric

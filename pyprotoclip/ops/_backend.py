@@ -65,9 +65,19 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
     return chosen
 
 
-def choose(backend: str, t: torch.Tensor, op: str) -> str:
-    """``resolve`` for an op whose main input is ``t``. float64 asks for exactness, so ``auto`` gives
-    it to the reference (the kernels accumulate in fp32); ``compiled`` still runs the kernel."""
-    if backend == "auto" and t.dtype == torch.float64:
+def choose(backend: str, t: torch.Tensor, op: str, name: str) -> str:
+    """``resolve`` for an op whose main input (argument ``name``) is ``t``.
+
+    float64 asks for exactness, and the compiled kernels compute in float32: ``auto`` (also with
+    ``PYPROTOCLIP_BACKEND=compiled``) gives a float64 input to the reference, and an explicit
+    ``backend="compiled"`` raises a ``ValueError`` naming the argument and its dtype instead of
+    silently computing and returning float32.
+    """
+    if backend in BACKENDS and t.dtype == torch.float64:
+        if backend == "compiled":
+            raise ValueError(
+                f"{name}: backend='compiled' has no float64 kernel (the kernels compute in float32), got dtype "
+                f"{t.dtype}; use backend='reference' or 'auto' for an exact float64 result, or pass float32"
+            )
         return "reference"
     return resolve(backend, t.device, op)

@@ -54,7 +54,7 @@ def float_matrix(name: str, value: object, *, allow_empty: bool = False) -> torc
     if t.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D tensor (n, d), got shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name}: expected dtype float32, bfloat16 or float16, got {t.dtype}")
+        raise ValueError(f"{name}: expected dtype float32, bfloat16, float16 or float64, got {t.dtype}")
     if not allow_empty and (t.shape[0] == 0 or t.shape[1] == 0):
         raise ValueError(f"{name}: expected a non-empty (n, d) tensor, got shape {tuple(t.shape)}")
     return t
@@ -124,7 +124,11 @@ def scalar(
         if t.device != device:
             t = t.to(device)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        t = torch.tensor(float(value), dtype=dtype, device=device)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            raise ValueError(f"{name}: expected a finite value, got an int of {value.bit_length()} bits") from None
+        t = torch.tensor(number, dtype=dtype, device=device)
     else:
         raise ValueError(f"{name}: expected a float or a 0-d tensor, got {type(value).__name__}")
     if value_checks_enabled():

@@ -32,6 +32,11 @@ def _validate_pair(name_a: str, a: object, name_b: str, b: object, *, same_rows:
     return a, b
 
 
+def _float64_name(name_a: str, a: object, name_b: str) -> str:
+    # the argument a float64 problem comes from (a mixed pair is promoted to the wider dtype)
+    return name_a if getattr(a, "dtype", None) == torch.float64 else name_b
+
+
 def similarity_cross_entropy(
     q: torch.Tensor, k: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | float, *, backend: str = "auto"
 ) -> torch.Tensor:
@@ -39,13 +44,16 @@ def similarity_cross_entropy(
 
     loss_i = logsumexp_j(scale * q_i . k_j) - scale * q_i . k_{targets_i}
 
-    q: (n, d) float32/bfloat16/float16.  k: (m, d), same device (a different float dtype is
+    q: (n, d) float32/bfloat16/float16/float64.  k: (m, d), same device (a different float dtype is
     promoted to the wider of the two).
     targets: (n,) int64 in [0, m).  scale: 0-d tensor (may require grad) or float.
     Returns the (n,) float32 per-row loss, differentiable w.r.t. q, k and scale.
+    float64 (either side): ``backend="auto"`` computes it exactly with the reference (float64 loss);
+    the kernels compute in float32, so ``backend="compiled"`` raises a ValueError naming q or k.
     Extra memory is O(n + tile), never O(n * m): the backward recomputes tiles from the saved
     (n,) row log-sum-exp.
     """
+    wide = _float64_name("q", q, "k")
     q, k = _validate_pair("q", q, "k", k, same_rows=False)
     targets = checks.tensor("targets", targets)
     if targets.dim() != 1 or targets.shape[0] != q.shape[0]:
@@ -57,7 +65,7 @@ def similarity_cross_entropy(
     if checks.value_checks_enabled() and bool(((targets < 0) | (targets >= k.shape[0])).any()):
         raise ValueError(f"targets: expected values in [0, {k.shape[0]}), got [{int(targets.min())}, {int(targets.max())}]")
     scale = checks.scalar("scale", scale, q.device)
-    if _backend.choose(backend, q, "similarity_cross_entropy") == "reference":
+    if _backend.choose(backend, q, "similarity_cross_entropy", wide) == "reference":
         return reference.similarity_cross_entropy(q, k, targets, scale)[0]
     return torch.ops.pyprotoclip.similarity_cross_entropy(q, k, targets, scale)[0]
 
@@ -76,21 +84,23 @@ def infonce_loss(
         L = 1/2 [ CE(s I T_all^T, diag) + CE(s T I_all^T, diag) ]   (mean over this rank's rows)
 
     image_features, text_features: (B, d) on each rank (normalised by the caller, as in open_clip),
-    float32/bfloat16/float16, same dtype and device. logit_scale: the already-exponentiated scale s,
+    float32/bfloat16/float16/float64, same device (a different float dtype is promoted to the wider). logit_scale: the already-exponentiated scale s,
     a 0-d tensor that may require grad, or a float. group: process group (default: the default
     group when torch.distributed is initialised). Every rank must pass the same B.
 
-    Returns a 0-d float32 loss. Under torch.distributed the other side's features are all-gathered
+    Returns a 0-d float32 loss (float64 for float64 features, computed exactly by the reference with
+    ``backend="auto"``; ``backend="compiled"`` has no float64 kernel and raises a ValueError). Under torch.distributed the other side's features are all-gathered
     with gradient; after DDP averages gradients over ranks, features and logit_scale get exactly the
     gradients of the single-process loss on the concatenated batch. Memory is O(B*W*d), never
     O(B * B*W): single-process it uses a symmetric fused kernel that reads each tile of
     ``s I T^T`` once for both directions.
     """
+    wide = _float64_name("image_features", image_features, "text_features")
     image_features, text_features = _validate_pair(
         "image_features", image_features, "text_features", text_features, same_rows=True
     )
     scale = checks.scalar("logit_scale", logit_scale, image_features.device)
-    chosen = _backend.choose(backend, image_features, "infonce_loss")
+    chosen = _backend.choose(backend, image_features, "infonce_loss", wide)
     if not pdist.is_distributed(group):
         if chosen == "reference":
             loss_rows, loss_cols, _, _ = reference.symmetric_similarity_cross_entropy(image_features, text_features, scale)

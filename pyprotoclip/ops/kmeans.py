@@ -50,17 +50,19 @@ def kmeans_update(
                                                    so normalize(sums_j) is the spherical k-means update)
     counts_j = sum_{i: assign_i = j} w_i          (w_i = 1 without weights)
 
-    x: (n, d) float32/bfloat16/float16.  centroids: (k, d) floating, same device; k may exceed n
+    x: (n, d) float32/bfloat16/float16/float64.  centroids: (k, d) floating, same device; k may exceed n
     (one rank's shard of a sharded k-means, or a few points labelled against many centroids).
     weights: optional (n,) non-negative floating.  Ties go to the lowest centroid index.
     Returns assign (n,) int64, score (n,) float32, sums (k, d) float32, counts (k,) float32;
     accumulation is in float32 whatever the input dtype. The compiled kernels read x once and use
     O(tile + k*d) extra memory, never O(n*k); the reference materialises the (n, k) matrix.
-    Not differentiable. ``backend``: "auto" | "compiled" | "reference".
+    Not differentiable. ``backend``: "auto" | "compiled" | "reference". float64 x: "auto" runs the
+    reference (exact float64 accumulation, results still returned as float32 as above); the kernels
+    compute in float32, so "compiled" raises a ValueError naming x.
     """
     x, centroids, weights = _validate(x, centroids, metric, weights)
-    # float64 + auto -> the reference, as for every op (_backend.choose)
-    if _backend.choose(backend, x, "kmeans_update") == "reference":
+    # float64: the reference with "auto", a ValueError with "compiled", as for every op (_backend.choose)
+    if _backend.choose(backend, x, "kmeans_update", "x") == "reference":
         assign, score, sums, counts = reference.kmeans_update(x, centroids, weights, metric)
         return assign, score.float(), sums.float(), counts.float()
     return torch.ops.pyprotoclip.kmeans_update(x, centroids, weights, metric)

@@ -42,8 +42,10 @@ def proto_assign(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Assignment probabilities ``p_ij = softmax_j(F_i . P_j / tau)``.
 
-    features: (B, d) float32/bfloat16/float16.  prototypes: (K, d), same dtype and device.
+    features: (B, d) float32/bfloat16/float16/float64.  prototypes: (K, d), same dtype and device.
     temperature: tau > 0, a float or a 0-d tensor (may require grad).
+    float64: ``backend="auto"`` computes it exactly with the reference; the kernels compute in float32,
+    so ``backend="compiled"`` raises a ValueError naming features.
     Returns the (B, K) probabilities in ``features.dtype`` (computed in fp32), differentiable w.r.t.
     features, prototypes and temperature. With ``topk=k`` (1 <= k <= K) returns ``(values, indices)``,
     each (B, k): the k largest probabilities of each row, sorted, exact (not renormalised), in
@@ -54,7 +56,7 @@ def proto_assign(
     temperature = checks.scalar(
         "temperature", temperature, features.device, positive=True, dtype=_number_dtype(features)
     )
-    chosen = _backend.choose(backend, features, "proto_assign")
+    chosen = _backend.choose(backend, features, "proto_assign", "features")
     if topk is not None:
         num = prototypes.shape[0]
         if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= num:
@@ -123,8 +125,10 @@ def proto_cross_entropy(
 
         loss_i = -sum_j q_ij log p_ij,   p_i = softmax_j(F_i . P_j / tau)
 
-    features: (B, d) float32/bfloat16/float16.  prototypes: (K, d), same dtype and device.
+    features: (B, d) float32/bfloat16/float16/float64.  prototypes: (K, d), same dtype and device.
     temperature: tau > 0, a float or a 0-d tensor (may require grad).
+    float64 features: ``backend="auto"`` computes exactly with the reference (float64 loss); the kernels
+    compute in float32, so ``backend="compiled"`` raises a ValueError naming features.
     The target q is one of
       * hard: ``target`` (B,) int64 in [0, K), q_i = one-hot(target_i);
       * soft: ``target`` (B, K) float, each row a distribution;
@@ -178,7 +182,7 @@ def proto_cross_entropy(
         raise ValueError("target: expected target (B,) int64 or (B, K) probabilities, or teacher_features, got neither")
 
     args = (features, prototypes, temperature, target_index, target_probs, t_feat, t_proto, t_temp)
-    if _backend.choose(backend, features, "proto_cross_entropy") == "reference":
+    if _backend.choose(backend, features, "proto_cross_entropy", "features") == "reference":
         loss = reference.proto_softmax_loss(*args)[0]
     else:
         loss = torch.ops.pyprotoclip.proto_softmax_loss(*args)[0]

@@ -112,13 +112,14 @@ def proto_softmax_loss(
         loss = -log_p.gather(1, target_index.view(-1, 1)).squeeze(1)
     else:
         if target_probs is not None:
-            q = _acc(target_probs.detach())
+            # in the dtype of the logits: a float64 target must not turn a float32 problem's loss float64
+            q = target_probs.detach().to(log_p.dtype)
         else:
             t_logits = (_acc(teacher_features.detach()) @ _acc(teacher_prototypes.detach()).t()) / _acc(
                 teacher_temperature.detach()
             )
             teacher_lse = torch.logsumexp(t_logits, dim=1)
-            q = torch.softmax(t_logits, dim=1)
+            q = torch.softmax(t_logits, dim=1).to(log_p.dtype)
         loss = -(q * log_p).sum(dim=1)
     return loss, lse, teacher_lse
 
