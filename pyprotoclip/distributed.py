@@ -155,5 +155,27 @@ def init_from_env(backend: str | None = None) -> tuple[int, int, int]:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        store = _restart_store()
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]))
     return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def _restart_store() -> dist.Store | None:
+    """torchrun's store seen under a prefix of its restart count, when the workers share the agent's store.
+
+    torchrun keeps one store server across ``--max-restarts`` restarts and hands the restarted workers the
+    same address; without a prefix of their own they read the keys the killed workers wrote (gloo's peer
+    addresses, barrier counters) and hang or fail to connect. None when there is nothing to separate.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                         is_master=False, timeout=default_pg_timeout)
+    return dist.PrefixStore(f"pyprotoclip/attempt_{attempt}/", base)

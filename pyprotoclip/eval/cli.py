@@ -39,7 +39,8 @@ def eval_cmd(checkpoint, data, model_name, classnames, templates, batch_size, wo
     """Evaluate CHECKPOINT on DATA: zero-shot classification (prompt ensembling), linear probe on
     frozen image features, image<->text retrieval recall@1/5/10 (a caption with the same text as the
     query's counts as correct). Data without class labels gets retrieval only; what is skipped is
-    said. Appends to results.jsonl."""
+    said. While features are extracted, a progress line (samples, rate, ETA) goes to stderr every
+    ~30 s. Appends to results.jsonl."""
     import torch
 
     from pyprotoclip.eval.evaluate import evaluate, format_notes, format_table
@@ -51,6 +52,7 @@ def eval_cmd(checkpoint, data, model_name, classnames, templates, batch_size, wo
             checkpoint, data, model_name=model_name, classnames_file=classnames, templates_file=templates,
             batch_size=batch_size, workers=workers, num_samples=num_samples, probe_test_fraction=probe_test_fraction,
             probe_c=probe_c, train_data=train_data, train_num_samples=train_num_samples, seed=seed, out_dir=out_dir, plot=not no_plot, device=device,
+            progress=lambda line: click.echo(line, err=True),
         )
     except (ValueError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from None

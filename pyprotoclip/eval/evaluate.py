@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,6 +23,24 @@ def _read_lines(path: str, what: str) -> list[str]:
     if not lines:
         raise ValueError(f"{what}: {path!r} is empty")
     return lines
+
+
+def _feature_progress(say: Callable[[str], None] | None, what: str, total: int | None) -> Callable[[int], None] | None:
+    """extract_features' callback: ``say`` a line (samples done, rate, ETA) when 30 s passed since the last."""
+    if say is None:
+        return None
+    from pyprotoclip.train.reporting import ProgressClock, format_duration
+
+    clock, t0 = ProgressClock(), time.time()
+
+    def report(n: int) -> None:
+        if clock.due():
+            rate = n / max(time.time() - t0, 1e-9)
+            eta = f", ETA {format_duration(max(total - n, 0) / rate)}" if total else ""
+            say(f"{what}: image and text features of {n}{f'/{total}' if total else ''} samples, {rate:.1f} samples/s{eta}")
+            clock.mark()
+
+    return report
 
 
 def load_model_from_checkpoint(path: str, model_name: str | None = None, device: str | torch.device = "cpu"):
@@ -72,6 +90,7 @@ def evaluate(
     plot: bool = True,
     device: str = "cpu",
     build_loader=None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run every metric the data allows; append a row to ``<out_dir>/results.jsonl`` and draw ``eval-<ckpt>.png``.
 
@@ -81,7 +100,8 @@ def evaluate(
     features of the first ``train_num_samples`` samples of those shards (None or 0: all of them) and
     tested on ``data``; without it, on a split of ``data``.
     out_dir defaults to the run directory when the checkpoint lies in ``<run>/checkpoints/``,
-    else the checkpoint's directory. Returns the metrics dict (with "plot" and "results" paths).
+    else the checkpoint's directory. ``progress(line)``: a line about the feature extraction at least
+    every 30 s while it runs. Returns the metrics dict (with "plot" and "results" paths).
     """
     import pyprotoclip.data as pdata
 
@@ -111,12 +131,14 @@ def evaluate(
         tcfg = pdata.DataConfig(shards=train_data, batch_size=batch_size, workers=workers, num_samples=cap, seed=seed,
                                 drop_last=False, flag="train-data")
         tloader = build_loader(tcfg, preprocess=preprocess_val, tokenize=tokenizer, is_train=False)
-        probe_train = extract_features(model, tloader, device=device, max_samples=cap)
+        probe_train = extract_features(model, tloader, device=device, max_samples=cap,
+                                       progress=_feature_progress(progress, "train-data", cap or getattr(tloader, "num_samples", None)))
         if not bool((probe_train["labels"] >= 0).any()):
             raise ValueError(f"train-data: no sample of {train_data!r} has a class label; the linear probe needs labels")
     metrics, details = evaluate_model(
         model, loader, tokenizer=tokenizer, device=device, classnames=classnames, templates=templates, linear_probe=True,
         probe_test_fraction=probe_test_fraction, probe_c=probe_c, probe_train=probe_train, seed=seed,
+        progress=_feature_progress(progress, "data", getattr(loader, "num_samples", None)),
     )
     skipped = []
     for line in details["skipped"]:

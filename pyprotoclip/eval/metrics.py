@@ -51,6 +51,7 @@ def evaluate_model(
     loss_batch_size: int | None = None,
     seed: int = 0,
     consistency_ks: Sequence[int] = CONSISTENCY_KS,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Extract features over ``loader`` and compute the metrics the data allows.
 
@@ -68,7 +69,7 @@ def evaluate_model(
     "skipped": one line per metric the data did not allow, with the reason}).
     """
     net = unwrap(model)
-    feats = extract_features(net, loader, device=device, autocast=autocast)
+    feats = extract_features(net, loader, device=device, autocast=autocast, progress=progress)
     metrics: dict[str, Any] = {"num_samples": int(feats["image_features"].shape[0])}
     stats = loader.stats() if hasattr(loader, "stats") else None
     if stats and "bad_samples" in stats:  # skipped samples are part of the answer: say how many
