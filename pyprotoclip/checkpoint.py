@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import re
+import time
 from typing import Any
 
 import numpy as np
@@ -27,10 +28,37 @@ log = logging.getLogger("pyprotoclip.checkpoint")
 
 FORMAT = "pyprotoclip-train-v1"
 LATEST = "epoch_latest.pt"
+TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.tmp(?P<pid>\d+)$")  # what save_checkpoint writes before the rename
+
+# Test hook, off unless set: PYPROTOCLIP_TEST_SAVE_PAUSE=SECONDS[@N] sleeps SECONDS after the temp file of this
+# process's N-th save (of every save without @N) is written and before it is renamed over the target;
+# PYPROTOCLIP_TEST_SAVE_MARKER=PATH first writes the temp file's path to PATH, so a test knows when to kill.
+TEST_SAVE_PAUSE, TEST_SAVE_MARKER = "PYPROTOCLIP_TEST_SAVE_PAUSE", "PYPROTOCLIP_TEST_SAVE_MARKER"
+_saves_done = 0
+
+
+def _test_pause(tmp: str) -> None:
+    """The PYPROTOCLIP_TEST_SAVE_PAUSE hook (see above); does nothing when it is unset."""
+    global _saves_done
+    _saves_done += 1
+    spec = os.environ.get(TEST_SAVE_PAUSE)
+    if not spec:
+        return
+    seconds, _, nth = spec.partition("@")
+    if nth and int(nth) != _saves_done:
+        return
+    marker = os.environ.get(TEST_SAVE_MARKER)
+    if marker:
+        with open(marker + ".part", "w") as f:
+            f.write(tmp)
+        os.replace(marker + ".part", marker)
+    time.sleep(float(seconds))
 
 
 def save_checkpoint(obj: dict[str, Any], path: str) -> None:
-    """Write ``obj`` to ``path`` so that a reader never sees a partial file."""
+    """Write ``obj`` to ``path`` so that a reader never sees a partial file: a temp file beside it
+    (``.<name>.tmp<pid>``, fsynced), renamed over ``path``. A process killed mid-write leaves the temp
+    file and the previous ``path``; :func:`remove_stale_temp_files` cleans up after it."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
@@ -39,10 +67,42 @@ def save_checkpoint(obj: dict[str, Any], path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        _test_pause(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # outside a save this process has no temp file: one with its pid is a dead namesake's
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_files(checkpoint_dir: str) -> list[str]:
+    """Remove the temp files that writers killed mid-save left in ``checkpoint_dir`` (those of a process
+    that still runs on this machine stay); returns their paths. They never count as checkpoints
+    (:func:`find_latest` reads ``epoch_<N>.pt`` and ``epoch_latest.pt`` only) but hold a checkpoint's size."""
+    removed = []
+    if not os.path.isdir(checkpoint_dir):
+        return removed
+    for name in sorted(os.listdir(checkpoint_dir)):
+        m = TEMP_PATTERN.match(name)
+        if m and not _pid_alive(int(m["pid"])):
+            path = os.path.join(checkpoint_dir, name)
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    return removed
 
 
 def _looks_like(path: str) -> str:

@@ -142,8 +142,9 @@ def _prepare_run_dir(p: dict[str, Any], is_main: bool) -> tuple[str, str, str | 
     run_dir = os.path.join(p["logs"], p["name"])
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     resume_path = None
-    if p["resume"] == "latest":
-        resume_path = ckpt.find_latest(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    if p["resume"] == "latest":  # rank 0 chooses, so every rank resumes from the same file
+        found = ckpt.find_latest(ckpt_dir) if is_main and os.path.isdir(ckpt_dir) else None
+        resume_path = pdist.broadcast_object(found)
     elif p["resume"]:
         if not os.path.isfile(p["resume"]):
             raise ValueError(f"resume: no such checkpoint {p['resume']!r} (or use --resume latest)")
@@ -200,6 +201,9 @@ def build_run(p: dict[str, Any], *, data: Any = None) -> TrainRun:
 
     run_dir, ckpt_dir, resume_path = _prepare_run_dir(p, rank == 0)
     console = setup_logging(os.path.join(run_dir, "out.log") if rank == 0 else None, rank == 0)
+    if rank == 0:
+        for stale in ckpt.remove_stale_temp_files(ckpt_dir):
+            log.info("removed %s, left by a checkpoint write that did not finish", stale)
     if p["resume"] == "latest" and resume_path is None:
         log.info("--resume latest: no checkpoint in %s, starting from scratch", ckpt_dir)
     if p["precision"] == "amp" and device.type == "cpu":
