@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -20,8 +20,9 @@ def extract_features(
     device: str | torch.device = "cpu",
     autocast: Any = None,
     max_samples: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the towers over every batch of ``loader``.
+    """Run the towers over every batch of ``loader``; ``progress(samples so far)`` after each batch.
 
     Returns {"image_features": (N, D) float32 unnormalised, "text_features": (N, D) float32
     unnormalised, "labels": (N,) int64 (-1 where absent), "captions": list[str], "keys": list[str]}.
@@ -41,6 +42,8 @@ def extract_features(
             captions.extend(batch.get("caption", []))
             keys.extend(batch.get("key", []))
             n += img[-1].shape[0]
+            if progress is not None:
+                progress(n)
             if max_samples is not None and n >= max_samples:
                 break
     finally:

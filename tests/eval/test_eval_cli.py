@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -151,7 +152,7 @@ def test_eval_names_the_probe_protocol_and_the_distinct_captions(tmp_path, fake_
     # the alias and an explicit C
     r = CliRunner().invoke(main, args + ["--probe-train-data", "faketrain", "--train-num-samples", "0", "--probe-c", "0.5", "--json"])
     assert r.exit_code == 0, r.output
-    got = json.loads(r.output)
+    got = json.loads(r.stdout)  # progress lines, if any, go to stderr
     assert got["linear_probe_protocol"] == "train->eval, C=0.5 (--probe-c)" and got["linear_probe_num_train"] == 64
 
 
@@ -180,9 +181,34 @@ def test_eval_open_clip_checkpoints_without_model(tmp_path, fake_pdata):
         r = CliRunner().invoke(main, ["eval", "--checkpoint", str(ckpt), "--data", "fake", "--workers", "0", "--batch-size", "32",
                                       "--no-plot", "--json"])
         assert r.exit_code == 0, r.output
-        got = json.loads(r.output)
+        got = json.loads(r.stdout)  # progress lines, if any, go to stderr
         assert got["ckpt_model"] == "tiny-rn" and got["ckpt_model_inferred"] is True
         assert "zeroshot_top1" in got
     r = CliRunner().invoke(main, ["eval", "--checkpoint", str(plain), "--data", "fake", "--workers", "0", "--batch-size", "32",
                                   "--no-plot"])
     assert r.exit_code == 0 and "(tiny-rn, inferred from the state dict's shapes, step None)" in r.output
+
+
+def test_feature_extraction_progress_lines_every_30_s(monkeypatch, tmp_path, fake_pdata):
+    from pyprotoclip.eval.evaluate import _feature_progress
+    from pyprotoclip.train import reporting
+
+    t = [0.0]
+    monkeypatch.setattr(reporting, "_now", lambda: t[0])
+    lines = []
+    report = _feature_progress(lines.append, "data", 100)
+    for n, now in ((10, 10.0), (20, 29.0), (30, 31.0), (40, 45.0), (50, 62.0)):
+        t[0] = now
+        report(n)
+    assert [ln.split(" samples,")[0] for ln in lines] == ["data: image and text features of 30/100",
+                                                          "data: image and text features of 50/100"]
+    assert all(re.search(r"samples/s, ETA \d+s$", ln) for ln in lines), lines
+    assert _feature_progress(None, "data", 100) is None
+    # through the command: a clock that jumps 31 s a reading prints to stderr, never into --json's stdout
+    monkeypatch.setattr(reporting, "_now", lambda: t.__setitem__(0, t[0] + 31.0) or t[0])
+    path, _ = _checkpoint(tmp_path)
+    r = CliRunner().invoke(main, ["eval", "--checkpoint", str(path), "--data", "fake", "--workers", "0", "--batch-size", "32",
+                                  "--no-plot", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "data: image and text features of 32/64 samples" in r.stderr and "features" not in r.stdout.split("{", 1)[0]
+    json.loads(r.stdout)
