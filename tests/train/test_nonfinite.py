@@ -229,3 +229,28 @@ def test_help_documents_max_nonfinite():
     for cmd, args in ((train, ["--help"]), (ood, ["train", "--help"])):
         text = " ".join(CliRunner().invoke(cmd, args).output.split())
         assert "--max-nonfinite" in text and "0: never stop" in text and "[default: 20]" in text, text
+
+
+@pytest.mark.slow
+def test_a_non_finite_protoclip_step_is_skipped_exactly(poison, tmp_path):
+    """ProtoCLIP on real shards (its episodes read by random access): the same exact skip, with prototypes."""
+    from pyprotoclip.data import write_synthetic_dataset
+    from pyprotoclip.train import params as P
+    from pyprotoclip.train import trainer
+
+    shards = write_synthetic_dataset(str(tmp_path / "data"), 48, num_val=0, num_ood=0, samples_per_shard=48,
+                                     progress=False, processes=1)
+    calls = poison({1})
+    p = P.defaults()
+    p.update(train_data=shards["train_shards"], model="tiny-vit", method="protoclip", batch_size=16, epochs=1, workers=0,
+             warmup=1, logs=str(tmp_path / "logs"), precision="fp32", log_every_n_steps=1, lr=1e-3, episode_size=48,
+             num_prototypes=4, kmeans_max_iter=2, add_projection_head=True, projection_dim=16, projection_hidden_dim=32,
+             device="cpu", name="run")
+    s = trainer.run(p)
+    assert s["step"] == 3 and s["skipped_steps"] == 1
+    assert [c[2].skipped for c in calls] == [None, "loss", None]
+    assert "proto_loss" in calls[1][2].terms  # the prototype terms were on in the skipped step
+    _assert_equal_state(calls[1][0], calls[1][1])
+    assert not torch.equal(calls[2][0][0]["text_projection"], calls[2][1][0]["text_projection"])
+    for name in ("logit_scale", "logit_scale_proto"):
+        assert 0 <= float(getattr(s["model"], name).detach()) <= LN_100
