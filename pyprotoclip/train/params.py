@@ -79,7 +79,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("logs", str, "./logs/", "Where to write <logs>/<name>/ (alias --logs-dir: use it under torchrun)."),
     Flag("name", str, None, "Experiment name (default: date, model, lr, batch size, precision)."),
     Flag("report-to", str, "", "Comma-separated loggers: 'tensorboard' (or '' for none)."),
-    Flag("log-every-n-steps", int, 100, "Console/tensorboard log interval in optimizer steps."),
+    Flag("log-every-n-steps", int, 100, "Console/tensorboard log interval in optimizer steps (each line ends with "
+         "an ETA); when stdout is not a terminal, also a progress line once 30 s passed since the last line."),
     Flag("save-frequency", int, 1, "Save epoch_<N>.pt every N epochs (0: never)."),
     Flag("save-most-recent", bool, False, "Also keep checkpoints/epoch_latest.pt, updated every epoch."),
     Flag("save-every-n-steps", int, 0, "Also update epoch_latest.pt every N optimizer steps (mid-epoch resume)."),
