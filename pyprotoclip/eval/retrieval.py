@@ -18,12 +18,14 @@ def caption_groups(captions: Sequence[str]) -> torch.Tensor:
     return torch.tensor([ids.setdefault(c, len(ids)) for c in captions], dtype=torch.long)
 
 
-def _ranks(query: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
+def _ranks(query: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
     """Rank of the best correct key for each query: #keys scoring strictly higher than it (0 = first).
 
     Correct keys of query i: key i, and with ``groups`` every key j with groups[j] == groups[i]. Ties
     count in the correct key's favour. Every key scoring above the best correct one is an incorrect one.
     """
+    if chunk is None:  # rows of (chunk, N) similarities at a time: at most 2**26 elements (256 MiB of float32)
+        chunk = max(1, min(4096, (1 << 26) // max(keys.shape[0], 1)))
     out = []
     for s in range(0, query.shape[0], chunk):
         sim = query[s : s + chunk] @ keys.t()  # (c, N)

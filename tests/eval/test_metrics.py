@@ -245,3 +245,14 @@ def test_summary_plot_has_one_legend_for_both_axes_and_a_tight_box(tmp_path, mon
     # without a confusion matrix (no labels): still a PNG
     summary_plot(str(tmp_path / "q.png"), confusion=None, classnames=[], metrics={"skipped": ["zero-shot (no labels)"]})
     assert (tmp_path / "q.png").stat().st_size > 1000
+
+
+def test_retrieval_ranks_do_not_depend_on_the_chunk_size():
+    from pyprotoclip.eval.retrieval import _ranks, caption_groups
+
+    g = torch.Generator().manual_seed(2)
+    q, k = F.normalize(torch.randn(37, 8, generator=g), dim=-1), F.normalize(torch.randn(37, 8, generator=g), dim=-1)
+    groups = caption_groups([f"c{i % 5}" for i in range(37)])
+    assert groups.tolist()[:6] == [0, 1, 2, 3, 4, 0]
+    for grp in (None, groups):
+        assert torch.equal(_ranks(q, k, grp, chunk=4), _ranks(q, k, grp))
