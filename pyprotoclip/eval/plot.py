@@ -82,7 +82,7 @@ def summary_plot(
         ax2.set_ylabel("logit scale")
         handles, labels = ax.get_legend_handles_labels()
         handles2, labels2 = ax2.get_legend_handles_labels()
-        ax.legend(handles + handles2, labels + labels2, loc="upper right")  # one legend for both axes
+        ax2.legend(handles + handles2, labels + labels2, loc="upper right")  # one legend for both; on the top axes
         ax.set_title("training")
     if val:
         ax = axes[i]
