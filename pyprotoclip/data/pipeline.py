@@ -841,15 +841,12 @@ class BadDataMonitor:
         self.max_fraction, self.min_samples, self.flag = max_fraction, min_samples, flag
         self.reduce = reduce or (lambda xs: xs)
         self.gather = gather or (lambda x: [x])
-        self.base = (0, 0)  # (bad, seen) of the epochs before, per process
 
-    def check(self, stats: dict[str, Any] | None, *, epoch_done: bool = False) -> None:
+    def check(self, stats: dict[str, Any] | None) -> None:
+        """``stats``: this process's :meth:`Loader.stats` (``bad_samples``, ``samples_seen``, ``worst_shards``)."""
         if self.max_fraction is None:
             return
         bad, seen = (stats.get("bad_samples", 0), stats.get("samples_seen", 0)) if stats else (0, 0)
-        bad, seen = bad + self.base[0], seen + self.base[1]
-        if epoch_done:
-            self.base = (bad, seen)
         g_bad, g_seen = self.reduce([int(bad), int(seen)])
         if not too_bad(g_bad, g_seen, self.max_fraction, self.min_samples):
             return

@@ -29,7 +29,7 @@ DEFAULT_PROBE_TRAIN_SAMPLES = 10_000  # the same as pyprotoclip.eval.evaluate's 
 @click.option("--probe-c", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Inverse L2 strength of the logistic regression (default: a sweep of 1e-3..1e2 with --train-data, "
                    "else 1).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the linear probe's split and k-means.")
+@click.option("--seed", type=click.IntRange(min=0, max=2**32 - 1), default=0, show_default=True, help="Seed of the linear probe's split and k-means.")
 @click.option("--out", "out_dir", default=None, help="Where results.jsonl and the PNG go (default: the run directory).")
 @click.option("--no-plot", is_flag=True, help="Skip the PNG summary.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -55,7 +55,7 @@ def eval_cmd(checkpoint, data, model_name, classnames, templates, batch_size, wo
             progress=lambda line: click.echo(line, err=True),
         )
     except (ValueError, FileNotFoundError) as exc:
-        raise click.UsageError(str(exc)) from None
+        raise _usage_or_data_error(exc) from None
     if as_json:
         click.echo(json.dumps(results, indent=2, default=str))
         return
@@ -69,3 +69,10 @@ def eval_cmd(checkpoint, data, model_name, classnames, templates, batch_size, wo
     click.echo(f"results: {results['results']}")
     if "plot" in results:
         click.echo(f"plot: {results['plot']}")
+
+
+def _usage_or_data_error(exc: Exception) -> click.ClickException:
+    """Bad data is no usage error: one line without the usage text (exit 1); other ValueErrors are (exit 2)."""
+    from pyprotoclip.data.pipeline import BadDataError
+
+    return click.ClickException(str(exc)) if isinstance(exc, BadDataError) else click.UsageError(str(exc))

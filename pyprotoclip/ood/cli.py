@@ -97,7 +97,7 @@ def train_cmd(**p: Any) -> None:
     try:
         run(p)
     except (ValueError, FileNotFoundError) as exc:
-        raise click.UsageError(str(exc)) from None
+        raise _usage_or_data_error(exc) from None
     except TrainingError as exc:  # a fault during the run: the flags were fine, so no usage text
         raise click.ClickException(str(exc)) from None
 
@@ -163,7 +163,7 @@ def score_cmd(checkpoint, model_name, train_data, train_num_samples, mahalanobis
         feats = S.extract(sm, data, **kw)
         scores = scorer(feats)
     except (ValueError, FileNotFoundError) as exc:
-        raise click.UsageError(str(exc)) from None
+        raise _usage_or_data_error(exc) from None
     if out_path:
         np.savez(out_path, scores=scores, labels=feats["labels"].numpy(), keys=np.array(feats["keys"]), score=score_name)
     q = np.percentile(scores, [5, 50, 95])
@@ -221,9 +221,16 @@ def eval_cmd(checkpoint, model_name, train_data, train_num_samples, id_data, ood
         else:
             raise ValueError("checkpoint: give --checkpoint (with --id-data, --ood-data) or --id-scores and --ood-scores")
     except (ValueError, FileNotFoundError) as exc:
-        raise click.UsageError(str(exc)) from None
+        raise _usage_or_data_error(exc) from None
     if as_json:
         click.echo(json.dumps(out["metrics"], indent=1))
     else:
         click.echo(S.format_table(out["metrics"]))
         click.echo(f"results: {out['results']}" + (f"  plot: {out['plot']}" if out.get("plot") else ""))
+
+
+def _usage_or_data_error(exc: Exception) -> click.ClickException:
+    """Bad data is no usage error: one line without the usage text (exit 1); other ValueErrors are (exit 2)."""
+    from pyprotoclip.data.pipeline import BadDataError
+
+    return click.ClickException(str(exc)) if isinstance(exc, BadDataError) else click.UsageError(str(exc))

@@ -52,6 +52,7 @@ def train(ctx: click.Context, **given: Any) -> None:
     Several processes: `torchrun --nproc_per_node N -m pyprotoclip train ...` (gloo on CPU, NCCL on GPU).
     Flags follow open_clip's names and defaults; see docs/training.md.
     """
+    from pyprotoclip.data.pipeline import BadDataError
     from pyprotoclip.train.faults import TrainingError
 
     try:
@@ -59,6 +60,8 @@ def train(ctx: click.Context, **given: Any) -> None:
         from pyprotoclip.train.trainer import run
 
         run(params)
+    except BadDataError as exc:  # the data, not the flags: no usage text
+        raise click.ClickException(str(exc)) from None
     except (ValueError, FileNotFoundError) as exc:
         raise click.UsageError(str(exc)) from None
     except TrainingError as exc:  # a fault during the run: the flags were fine, so no usage text
