@@ -7,6 +7,12 @@ import json
 import click
 
 
+def _seed(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None and not 0 <= value < 2**32:
+        raise click.BadParameter(f"expected an integer in [0, 2**32), got {value}")
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def data() -> None:
     """Write datasets as webdataset shards (synthetic, from CSV, from folders)."""
@@ -15,7 +21,7 @@ def data() -> None:
 @data.command()
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory (train/, val/, ood/ go inside).")
 @click.option("--num-samples", required=True, type=click.IntRange(min=1), help="Number of training samples.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Generator seed: same seed, same bytes.")
+@click.option("--seed", default=0, show_default=True, type=int, callback=_seed, help="Generator seed: same seed, same bytes.")
 @click.option("--image-size", default=64, show_default=True, type=click.IntRange(min=8), help="Image side in pixels.")
 @click.option("--samples-per-shard", default=1000, show_default=True, type=click.IntRange(min=1))
 @click.option("--num-val", default=None, type=click.IntRange(min=0), help="Held-out samples of the training classes [default: N/10 in 200..5000].")
@@ -85,7 +91,7 @@ def _read_templates(templates_file: str | None) -> tuple[str, ...]:
 def _order_options(f):
     f = click.option("--keep-order", is_flag=True,
                      help="Write samples in input order instead of shuffling them (shards then follow the input, e.g. class by class).")(f)
-    f = click.option("--seed", default=0, show_default=True, type=int,
+    f = click.option("--seed", default=0, show_default=True, type=int, callback=_seed,
                      help="Seed of the order samples are written in, shuffled across all shards; same seed and input, same bytes.")(f)
     return f
 

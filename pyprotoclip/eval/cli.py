@@ -9,6 +9,12 @@ import click
 DEFAULT_PROBE_TRAIN_SAMPLES = 10_000  # the same as pyprotoclip.eval.evaluate's (kept here: --help stays light)
 
 
+def _seed(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None and not 0 <= value < 2**32:
+        raise click.BadParameter(f"expected an integer in [0, 2**32), got {value}")
+    return value
+
+
 @click.command(name="eval", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False), help="pyprotoclip training checkpoint, open_clip checkpoint or plain state dict.")
 @click.option("--data", required=True, help="Evaluation shards (brace spec(s) joined by '::'), e.g. DIR/val/{00000..00001}.tar.")
@@ -29,7 +35,7 @@ DEFAULT_PROBE_TRAIN_SAMPLES = 10_000  # the same as pyprotoclip.eval.evaluate's 
 @click.option("--probe-c", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Inverse L2 strength of the logistic regression (default: a sweep of 1e-3..1e2 with --train-data, "
                    "else 1).")
-@click.option("--seed", type=click.IntRange(min=0, max=2**32 - 1), default=0, show_default=True, help="Seed of the linear probe's split and k-means.")
+@click.option("--seed", type=int, callback=_seed, default=0, show_default=True, help="Seed of the linear probe's split and k-means.")
 @click.option("--out", "out_dir", default=None, help="Where results.jsonl and the PNG go (default: the run directory).")
 @click.option("--no-plot", is_flag=True, help="Skip the PNG summary.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

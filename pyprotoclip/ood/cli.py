@@ -108,18 +108,18 @@ def _scoring_options(fn):
                      help="An `ood train` checkpoint, a `pyprotoclip train` checkpoint (CLIP, ProtoCLIP, ...) or an open_clip state dict (with --model)."),
         click.option("--model", "model_name", default=None, help="Architecture of a plain state dict (image-text checkpoints)."),
         click.option("--train-data", default=None, help="In-distribution training shards (fits mahalanobis, knn, and msp without a trained classifier)."),
-        click.option("--train-num-samples", type=int, default=None, help="Use only the first N training samples for fitting."),
+        click.option("--train-num-samples", type=click.IntRange(min=1), default=None, help="Use only the first N training samples for fitting."),
         click.option("--mahalanobis-form", type=click.Choice(["official", "corrected"]), default="official", show_default=True,
                      help="official: the PALM code's formula (subtracts the mean a second time); corrected: the plain distance."),
-        click.option("--knn-k", type=int, default=50, show_default=True, help="k of the KNN score."),
+        click.option("--knn-k", type=click.IntRange(min=1), default=50, show_default=True, help="k of the KNN score."),
         click.option("--knn-backend", type=click.Choice(["auto", "faiss", "torch"]), default="auto", show_default=True),
-        click.option("--mcm-temperature", type=float, default=1.0, show_default=True, help="Softmax temperature of MCM."),
+        click.option("--mcm-temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="Softmax temperature of MCM."),
         click.option("--classnames", "classnames_file", default=None, type=click.Path(exists=True, dir_okay=False),
                      help="MCM class names, one a line [default: classnames.txt beside the ID shards]."),
         click.option("--templates", "templates_file", default=None, type=click.Path(exists=True, dir_okay=False),
                      help="MCM prompt templates with '{}' [default: templates.txt beside the ID shards]."),
-        click.option("--batch-size", type=int, default=256, show_default=True),
-        click.option("--workers", type=int, default=2, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True),
+        click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True),
         click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True),
     ]
     for opt in reversed(options):
@@ -176,23 +176,23 @@ def score_cmd(checkpoint, model_name, train_data, train_num_samples, mahalanobis
               help="Score this checkpoint (else give --id-scores and --ood-scores).")
 @click.option("--model", "model_name", default=None, help="Architecture of a plain state dict (image-text checkpoints).")
 @click.option("--train-data", default=None, help="In-distribution training shards (fits mahalanobis, knn, msp).")
-@click.option("--train-num-samples", type=int, default=None, help="Use only the first N training samples for fitting.")
+@click.option("--train-num-samples", type=click.IntRange(min=1), default=None, help="Use only the first N training samples for fitting.")
 @click.option("--id-data", default=None, help="In-distribution test shards.")
 @click.option("--ood-data", multiple=True, help="OOD shards; repeat for several sets (the average is reported too).")
 @click.option("--ood-name", multiple=True, help="A name per --ood-data / --ood-scores [default: the shards' directory name].")
 @click.option("--score", "scores", type=_SCORE_CHOICE, multiple=True, help="Scores to compute (repeatable) [default: mahalanobis].")
 @click.option("--mahalanobis-form", type=click.Choice(["official", "corrected"]), default="official", show_default=True)
-@click.option("--knn-k", type=int, default=50, show_default=True)
+@click.option("--knn-k", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--knn-backend", type=click.Choice(["auto", "faiss", "torch"]), default="auto", show_default=True)
-@click.option("--mcm-temperature", type=float, default=1.0, show_default=True)
+@click.option("--mcm-temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--classnames", "classnames_file", default=None, type=click.Path(exists=True, dir_okay=False))
 @click.option("--templates", "templates_file", default=None, type=click.Path(exists=True, dir_okay=False))
 @click.option("--id-scores", default=None, type=click.Path(exists=True, dir_okay=False), help="Precomputed ID scores (.npz from `ood score`, .npy or text).")
 @click.option("--ood-scores", multiple=True, type=click.Path(exists=True, dir_okay=False), help="Precomputed OOD scores (repeatable).")
 @click.option("--aupr", type=click.Choice(["average_precision", "trapezoid"]), default="average_precision", show_default=True,
               help="AUPR definition: average precision, or the official code's trapezoid curve.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--out", "out_dir", default=None, help="Where results.jsonl and ood-<ckpt>.png go [default: the run directory].")
 @click.option("--no-plot", is_flag=True)

@@ -107,6 +107,18 @@ def validate(p: dict[str, Any]) -> None:
         raise ValueError("wd, momentum: expected wd >= 0 and momentum in [0, 1)")
     if p["num_classes"] is not None and p["num_classes"] < 1:
         raise ValueError(f"num-classes: expected an int >= 1, got {p['num_classes']!r}")
+    for key in ("train_num_samples", "image_size", "stop_after_steps"):
+        if p[key] is not None and (not isinstance(p[key], int) or p[key] < 1):
+            raise ValueError(f"{key.replace('_', '-')}: expected an int >= 1, got {p[key]!r}")
+    for key in ("temp", "epsilon", "proto_temp"):
+        if not p[key] > 0:
+            raise ValueError(f"{key.replace('_', '-')}: expected a value > 0, got {p[key]!r}")
+    if not 0 <= p["proto_m"] <= 1:
+        raise ValueError(f"proto-m: expected an EMA momentum in [0, 1], got {p['proto_m']!r}")
+    if not p["lambda_pcon"] >= 0:
+        raise ValueError(f"lambda-pcon: expected a weight >= 0, got {p['lambda_pcon']!r}")
+    if not isinstance(p["seed"], int) or not 0 <= p["seed"] < 2**32:
+        raise ValueError(f"seed: expected an int in [0, 2**32), got {p['seed']!r}")
     if p["unlabelled"] and p["loss"] != "palm":
         raise ValueError("unlabelled: only with --loss palm (cross-entropy needs labels)")
     for key in ("mean", "std"):

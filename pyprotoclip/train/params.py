@@ -190,8 +190,21 @@ def validate(p: dict[str, Any]) -> None:
                 "max_nonfinite"):
         if p[key] is None or p[key] < 0:
             raise ValueError(f"{FLAG_BY_KEY[key].name}: expected an integer >= 0, got {p[key]!r}")
+    for key in ("train_num_samples", "val_num_samples", "epochs_cooldown", "stop_after_steps"):
+        if p[key] is not None and p[key] < 1:
+            raise ValueError(f"{FLAG_BY_KEY[key].name}: expected a positive integer, got {p[key]!r}")
+    if not 0 <= p["seed"] < 2**32:
+        raise ValueError(f"seed: expected an integer in [0, 2**32), got {p['seed']!r}")
     if p["lr"] is not None and p["lr"] < 0:
         raise ValueError(f"lr: expected >= 0, got {p['lr']}")
+    for key in ("beta1", "beta2"):
+        if p[key] is not None and not 0 <= p[key] < 1:
+            raise ValueError(f"{key}: expected a value in [0, 1), got {p[key]}")
+    for key in ("eps", "wd", "lr_cooldown_end"):
+        if p[key] is not None and not p[key] >= 0:
+            raise ValueError(f"{FLAG_BY_KEY[key].name}: expected >= 0, got {p[key]}")
+    if not p["lr_cooldown_power"] > 0:
+        raise ValueError(f"lr-cooldown-power: expected > 0, got {p['lr_cooldown_power']}")
     if p["max_bad_fraction"] is None or not 0 <= p["max_bad_fraction"] <= 1:
         raise ValueError(f"max-bad-fraction: expected a fraction in [0, 1] (1: never stop), got {p['max_bad_fraction']!r}")
     if p["grad_clip_norm"] is not None and p["grad_clip_norm"] <= 0:
