@@ -6,7 +6,8 @@ A training checkpoint is a plain dict of tensors and primitives: ``format``, ``s
 ``state_dict`` (the whole trained model, the method's additions included), ``method_keys`` (the
 state-dict keys the method added: projection heads, extra scales), ``method_state`` (prototypes,
 labels, ...), ``optimizer``, ``scaler``, ``scheduler``, ``rng`` (one entry per rank), ``world_size``,
-``params``. A plain state dict (open_clip's) is accepted wherever model weights are read.
+``params``, ``results_bytes`` (the size of the run's results.jsonl then: a resumed run removes the rows
+written after it). A plain state dict (open_clip's) is accepted wherever model weights are read.
 """
 
 from __future__ import annotations

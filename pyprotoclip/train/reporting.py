@@ -152,6 +152,35 @@ class Results:
                 if isinstance(value, float) and key not in ("epoch", "step", "samples"):
                     self.tb.add_scalar(f"{scalars}/{key}", value, row["step"])
 
+    def size(self) -> int:
+        """Bytes of results.jsonl so far (0 before its first row, and on other ranks); checkpoints record it."""
+        return os.path.getsize(self.path) if self.is_main and os.path.exists(self.path) else 0
+
+    def rewind(self, size: int, step: int) -> int:
+        """Resuming from a checkpoint of ``step`` written when results.jsonl had ``size`` bytes: remove the rows
+        written after it, which the resumed run writes again, and a line cut short by a kill. ``eval`` rows
+        (``pyprotoclip eval``) and ``val`` rows up to ``step`` stay: they are not written again. Rank 0 only;
+        returns how many rows were removed."""
+        if not self.is_main or not os.path.exists(self.path) or os.path.getsize(self.path) <= size:
+            return 0
+        with open(self.path, "rb") as f:
+            data = f.read()
+        keep, removed = [data[:size]], 0
+        for line in data[size:].splitlines(keepends=True):
+            try:
+                row = json.loads(line) if line.endswith(b"\n") else None
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and (row.get("type") == "eval" or (row.get("type") == "val" and row.get("step", step + 1) <= step)):
+                keep.append(line)
+            else:
+                removed += 1
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(b"".join(keep))
+        os.replace(tmp, self.path)
+        return removed
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

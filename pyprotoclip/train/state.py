@@ -40,6 +40,7 @@ def _write(run: TrainRun, names: list[str], epochs_done: int, common: dict[str, 
         "scheduler": {"kind": run.p["lr_scheduler"], "step": run.step, "total_steps": run.total_steps},
         "params": dict(run.p),
         "skipped_steps": run.nonfinite.total if run.nonfinite is not None else 0,
+        "results_bytes": run.results.size(),  # a resumed run removes the rows written after this checkpoint
     }
     for name in names:
         path = os.path.join(run.ckpt_dir, name)
@@ -69,3 +70,7 @@ def resume(run: TrainRun) -> None:
     if run.nonfinite is not None:
         run.nonfinite.total = int(state.get("skipped_steps", 0))
     log.info("resumed from %s at step %d (epoch %d)", path, run.step, run.step // run.steps_per_epoch)
+    if state.get("results_bytes") is not None:
+        removed = run.results.rewind(int(state["results_bytes"]), run.step)
+        if removed:
+            log.info("results.jsonl: removed %d row(s) written after that checkpoint; this run writes them again", removed)

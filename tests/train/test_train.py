@@ -187,3 +187,22 @@ def test_log_warns_about_a_long_warmup_oversubscription_and_says_checkpoint_size
     assert "--warmup 1000 is not shorter than the whole run (2 optimizer steps)" in log
     assert "oversubscribed" in log and "pass --threads" in log
     assert "saved " in log and "epoch_1.pt (" in log and " MB)" in log
+
+
+def test_resume_removes_the_rows_written_after_its_checkpoint(fake_train):
+    """A run killed after its last checkpoint wrote rows the resumed run writes again (and maybe half a line):
+    they go; eval rows stay; results.jsonl then reads as one run's."""
+    s = fake_train(name="cut", epochs=2, stop_after_steps=3)  # epoch_1.pt at step 2, epoch_latest.pt at step 3
+    ckpt_dir = os.path.join(s["run_dir"], "checkpoints")
+    os.remove(os.path.join(ckpt_dir, "epoch_latest.pt"))  # as if killed before it was written
+    results = os.path.join(s["run_dir"], "results.jsonl")
+    with open(results, "a") as f:
+        f.write(json.dumps({"type": "eval", "step": 2, "checkpoint": "epoch_1.pt"}) + "\n")
+        f.write('{"type": "train", "step": 4, "lo')  # cut short by the kill
+    resumed = fake_train(name="cut", epochs=2, resume="latest")
+    assert resumed["step"] == 4
+    rows = [json.loads(line) for line in open(results)]
+    assert [r["step"] for r in rows if r["type"] == "train"] == [1, 2, 3, 4]
+    assert [r["type"] for r in rows if r["type"] != "train"] == ["eval", "summary"]
+    log = open(os.path.join(s["run_dir"], "out.log")).read()
+    assert "results.jsonl: removed 3 row(s) written after that checkpoint" in log
