@@ -378,3 +378,28 @@ def test_shard_index_leaves_damaged_shards_out_and_names_them(tmp_path, caplog):
     randomize(spec)
     with pytest.raises(BadDataError, match=r"train-data: every shard is damaged \(3 of 3\)"):
         ShardIndex(shards, cache=False, flag="train-data")
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def test_eval_reports_the_bad_samples_it_skipped(tmp_path, clip_ckpt):
+    spec = write_bad_image_shards(str(tmp_path / "d"), 2, 10, bad_every=7)  # keys 0, 7, 14: 3 of 20 bad
+    args = ["eval", "--checkpoint", clip_ckpt, "--data", spec, "--out", str(tmp_path), "--batch-size", "8", "--workers",
+            "0", "--device", "cpu", "--no-plot", "--classnames", _lines(tmp_path, "c.txt", "a\nb\nc\nd\ne"),
+            "--templates", _lines(tmp_path, "t.txt", "a {}")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "data: 3 bad sample(s) skipped (0 damaged shard read(s)), not in these numbers" in r.output
+    import json
+
+    row = json.loads(open(tmp_path / "results.jsonl").read().splitlines()[-1])
+    assert row["bad_samples"] == 3 and row["damaged_shards"] == 0 and row["num_samples"] == 17
+
+
+def test_eval_over_shards_without_a_usable_sample_names_them(tmp_path):
+    spec = write_bad_image_shards(str(tmp_path), 2, 3, bad_every=1)
+    loader = load(DataConfig(spec, batch_size=2, workers=0, drop_last=False, flag="data"), is_train=False)
+    with pytest.raises(BadDataError, match=r"^data: no usable sample in 2 shard\(s\); 6 of 6 samples bad \(bad_image 6\); "
+                                           r"worst shards: .*0000[01]\.tar \(3 bad, bad_image: "):
+        list(loader)
