@@ -16,7 +16,7 @@ starts another pass, reshuffled, when it has fewer samples than its quota of bat
 shards with replacement. Every batch is full. An epoch has ceil(num_samples / (batch_size * world_size)) batches per
 rank. Evaluation streams read each shard of the rank once, in order, without shuffling.
 
-Bad data never ends a run by itself and is never skipped silently. Bad samples (no image, no caption or an empty
+Bad data is never skipped silently and never crashes or stalls a stream. Bad samples (no image, no caption or an empty
 one, a caption that is not UTF-8, an image PIL cannot decode) and damaged shards (not a tar, truncated, a bad header,
 unreadable or deleted after the run started) are skipped, counted by reason and by shard, and reported with a
 rate-limited warning; captions longer than MAX_CAPTION_CHARS characters are cut to that length (counted, not bad).
