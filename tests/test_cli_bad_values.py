@@ -147,14 +147,14 @@ def _bad_values(command: str, param: click.Parameter) -> list[str]:
     if isinstance(t, click.Path) and t.exists:
         return [os.path.join("no", "such", "file")]
     if isinstance(t, (click.IntRange, click.FloatRange)):
-        bad = ["abc"] + (["1.5"] if isinstance(t, click.IntRange) else [])
+        bad = ["abc"] + (["1.5"] if isinstance(t, click.IntRange) else ["nan"])
         if t.min is not None:
             bad.append(str(t.min - 1) if isinstance(t, click.IntRange) else str(t.min if t.min_open else t.min - 1))
         if t.max is not None:
             bad.append(str(t.max + 1) if isinstance(t, click.IntRange) else str(t.max if t.max_open else t.max + 1))
         return bad
     if t in (click.INT, click.FLOAT):
-        bad = ["abc"] + (["1.5"] if t is click.INT else [])
+        bad = ["abc"] + (["1.5"] if t is click.INT else ["nan"])
         if flag not in NEGATIVE_OK.get(command, set()):
             bad.append("-1")
         if flag in POSITIVE.get(command, set()):
@@ -248,3 +248,19 @@ def test_real_trainer_validates_before_creating_the_run_directory(tmp_path, monk
                                        str(tmp_path / "ood-logs"), "--batch-size", "0"])
     _assert_usage_error(result, "batch-size")
     assert not (tmp_path / "ood-logs").exists()
+
+
+def test_bench_bad_op_and_unknown_script_flag():
+    """bench: an unknown OP is a usage error naming OP; the scripts' own argparse rejects an unknown flag
+    (exit 2, naming it) before any benchmark runs."""
+    from pyprotoclip.cli import BENCHES
+
+    result = CliRunner().invoke(main, ["bench", "nosuch"])
+    _assert_usage_error(result, "OP")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(here, "tools")):
+        pytest.skip("benchmarks run from a source checkout")
+    for op in BENCHES:
+        result = CliRunner().invoke(main, ["bench", op, "--bogus-flag", "1"])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (op, result.output)
+        assert "--bogus-flag" in result.output and "Traceback" not in result.output, (op, result.output)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import click
@@ -13,6 +14,12 @@ CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 @click.group(context_settings=CTX)
 def ood() -> None:
     """Out-of-distribution detection: train PALM, score any checkpoint, evaluate (FPR95, AUROC, ...)."""
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):  # a range check lets NaN through
+        raise click.BadParameter(f"expected a finite number, got {value}")
+    return value
 
 
 def _floats3(ctx, param, value):
@@ -113,7 +120,7 @@ def _scoring_options(fn):
                      help="official: the PALM code's formula (subtracts the mean a second time); corrected: the plain distance."),
         click.option("--knn-k", type=click.IntRange(min=1), default=50, show_default=True, help="k of the KNN score."),
         click.option("--knn-backend", type=click.Choice(["auto", "faiss", "torch"]), default="auto", show_default=True),
-        click.option("--mcm-temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="Softmax temperature of MCM."),
+        click.option("--mcm-temperature", type=click.FloatRange(min=0, min_open=True), callback=_finite, default=1.0, show_default=True, help="Softmax temperature of MCM."),
         click.option("--classnames", "classnames_file", default=None, type=click.Path(exists=True, dir_okay=False),
                      help="MCM class names, one a line [default: classnames.txt beside the ID shards]."),
         click.option("--templates", "templates_file", default=None, type=click.Path(exists=True, dir_okay=False),
@@ -184,7 +191,7 @@ def score_cmd(checkpoint, model_name, train_data, train_num_samples, mahalanobis
 @click.option("--mahalanobis-form", type=click.Choice(["official", "corrected"]), default="official", show_default=True)
 @click.option("--knn-k", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--knn-backend", type=click.Choice(["auto", "faiss", "torch"]), default="auto", show_default=True)
-@click.option("--mcm-temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--mcm-temperature", type=click.FloatRange(min=0, min_open=True), callback=_finite, default=1.0, show_default=True)
 @click.option("--classnames", "classnames_file", default=None, type=click.Path(exists=True, dir_okay=False))
 @click.option("--templates", "templates_file", default=None, type=click.Path(exists=True, dir_okay=False))
 @click.option("--id-scores", default=None, type=click.Path(exists=True, dir_okay=False), help="Precomputed ID scores (.npz from `ood score`, .npy or text).")

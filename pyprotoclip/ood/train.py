@@ -83,6 +83,9 @@ def validate(p: dict[str, Any]) -> None:
         raise ValueError(f"{unknown[0].replace('_', '-')}: not a flag of `ood train`")
     if not p["train_data"]:
         raise ValueError("train-data: expected labelled training shards (brace-expanded spec), got none")
+    for key, default in DEFAULTS.items():
+        if isinstance(default, float) and isinstance(p[key], float) and not math.isfinite(p[key]):
+            raise ValueError(f"{key.replace('_', '-')}: expected a finite number, got {p[key]}")
     positive = ("batch_size", "epochs", "nviews", "cache_size", "feat_dim", "log_every_n_steps")
     for key in positive:
         if not isinstance(p[key], int) or p[key] < 1:

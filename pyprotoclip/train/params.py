@@ -6,6 +6,7 @@ Names and defaults follow open_clip's ``open_clip_train/params.py`` where the fl
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -179,6 +180,9 @@ def coerce(flag: Flag, value: Any) -> Any:
 
 def validate(p: dict[str, Any]) -> None:
     """Cross-flag checks with messages that name the flag."""
+    for flag in FLAGS:
+        if flag.type is float and p.get(flag.key) is not None and not math.isfinite(p[flag.key]):
+            raise ValueError(f"{flag.name}: expected a finite number, got {p[flag.key]}")
     if not p["train_data"]:
         raise ValueError("train-data: required (brace-expanded shard spec, e.g. data/train/{00000..00009}.tar)")
     if p["threads"] is not None and p["threads"] < 1:
