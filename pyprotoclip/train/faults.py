@@ -104,7 +104,7 @@ class NonFiniteGuard:
             raise TrainingError(
                 f"training stopped: {self.in_row} steps in a row had a non-finite loss or gradients (steps "
                 f"{self.first_bad_step}-{step}, {self.flag} {self.max_in_row}){weights}; lower --lr, set "
-                f"--grad-clip-norm or check the data (0 never stops)"
+                f"--grad-clip-norm or check the data ({self.flag} 0 never stops)"
             )
 
 
