@@ -2,7 +2,8 @@
 
 The flags are read from the click commands themselves (``pyprotoclip train`` from ``train/params.py``'s
 table), so a flag added later is tested without touching this file. For each one, the bad values of its
-type: a wrong type ("abc", "1.5" for an int), an unknown choice, a missing file, a negative number and,
+type: a wrong type ("abc", "1.5" for an int), NaN for a float, an unknown choice, a missing file, a negative
+number and,
 where the flag needs a positive one, zero (ranges of ``click.IntRange``/``FloatRange`` are read from the
 type; for plain ``int``/``float`` flags the tables below say which accept zero or negatives, and every
 other one must reject a negative value). Each bad call must

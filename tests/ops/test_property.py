@@ -155,7 +155,7 @@ def scalar(draw, *, positive: bool, dtype: torch.dtype = torch.float32) -> Arg:
     return Arg(value, not ok)
 
 
-def backend(draw, *bad_if_compiled: str) -> Arg:
+def backend(draw) -> Arg:
     name = draw(st.sampled_from(BACKENDS * 3 + BAD_BACKENDS))
     return Arg(name, name not in BACKENDS)
 
@@ -528,11 +528,6 @@ def draw_kmeans_fit(draw) -> Call:
 
 
 # ---- the tests ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _quiet_auto_backend_warning(recwarn):
-    yield
 
 
 @SETTINGS
