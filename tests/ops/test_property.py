@@ -8,7 +8,9 @@ records which arguments it made invalid. The property:
 
 * no argument invalid: the call returns the float64 oracle's values (the reference on float64 copies of
   the same rounded inputs) within ``atol = rtol = 1e-4`` (probabilities returned in bf16/fp16: their
-  rounding, 2 eps), and for the loss ops the gradients of every floating input too;
+  rounding, 2 eps), and for the loss ops and proto_assign the gradients of every floating input too (1e-4;
+  gradients in bf16/fp16: 4 eps); k-means assignments by the float64 oracle wherever it is not a near-tie
+  (1e-3), ``KMeans.fit`` labels (near-)nearest and its inertia equal to the objective of its labels;
 * some argument invalid: the call raises ``ValueError`` (the convention of ``pyprotoclip.ops.checks``)
   whose message starts with the name of one of the invalid arguments;
 * never another exception type, a crash or a silent answer to an invalid call.
