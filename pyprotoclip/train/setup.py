@@ -238,6 +238,10 @@ def build_run(p: dict[str, Any], *, data: Any = None) -> TrainRun:
         results=Results(run_dir, rank == 0, "tensorboard" in P.report_to(p)),
         preemption=Preemption(dist.new_group(backend="gloo") if pdist.is_distributed() else None),
     )
+    if p["resume"] == "latest" and resume_path is None:  # an earlier start that left no checkpoint: its rows go
+        removed = run.results.rewind(0, 0)
+        if removed:
+            log.info("results.jsonl: removed %d row(s) of an earlier start that left no checkpoint", removed)
     run.first_loader = run.make_loader(0)
     run.steps_per_epoch = run.first_loader.num_batches // p["accum_freq"]
     if run.steps_per_epoch < 1:

@@ -206,3 +206,13 @@ def test_resume_removes_the_rows_written_after_its_checkpoint(fake_train):
     assert [r["type"] for r in rows if r["type"] != "train"] == ["eval", "summary"]
     log = open(os.path.join(s["run_dir"], "out.log")).read()
     assert "results.jsonl: removed 3 row(s) written after that checkpoint" in log
+
+
+def test_resume_latest_without_checkpoint_removes_the_rows_of_the_earlier_start(fake_train):
+    s = fake_train(name="nockpt", save_frequency=0)  # trains, writes rows, leaves no checkpoint
+    assert not [f for f in os.listdir(os.path.join(s["run_dir"], "checkpoints")) if f.endswith(".pt")]
+    again = fake_train(name="nockpt", save_frequency=0, resume="latest")
+    assert again["step"] == 2
+    rows = [json.loads(line) for line in open(os.path.join(s["run_dir"], "results.jsonl"))]
+    assert [r["step"] for r in rows if r["type"] == "train"] == [1, 2]
+    assert "removed 3 row(s) of an earlier start that left no checkpoint" in open(os.path.join(s["run_dir"], "out.log")).read()
