@@ -336,7 +336,7 @@ def test_monitor_over_two_gloo_ranks_stops_both_with_one_message(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_monitor_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    mp.start_processes(_monitor_rank, args=(2, port, str(tmp_path)), nprocs=2, start_method="fork")
     msgs = [(tmp_path / f"{r}.txt").read_text() for r in range(2)]
     assert msgs[0] == msgs[1]
     assert msgs[0].startswith("train-data: 40 of the 200 samples read so far are bad (20.0%), more than "
