@@ -265,3 +265,32 @@ def test_bench_bad_op_and_unknown_script_flag():
         result = CliRunner().invoke(main, ["bench", op, "--bogus-flag", "1"])
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (op, result.output)
         assert "--bogus-flag" in result.output and "Traceback" not in result.output, (op, result.output)
+
+
+def _config_cases():
+    from pyprotoclip.train.params import FLAGS
+
+    cases = []
+    for f in FLAGS:
+        if f.type in (int, float) and f.name not in NEGATIVE_OK["train"]:
+            cases.append(pytest.param(f.name, "-1", id=f"{f.name}=-1"))
+        if f.type in (int, float) and f.name in POSITIVE["train"]:
+            cases.append(pytest.param(f.name, "0", id=f"{f.name}=0"))
+        if f.type is int:
+            cases.append(pytest.param(f.name, "many", id=f"{f.name}=many"))
+        if isinstance(f.type, tuple):
+            cases.append(pytest.param(f.name, "nosuch", id=f"{f.name}=nosuch"))
+    return cases
+
+
+@pytest.mark.parametrize("flag,value", _config_cases())
+def test_bad_value_in_a_train_config_file_names_the_flag(env, tmp_path, flag, value):
+    """The same values through ``--config FILE.yaml``: the same checks, the same kind of error."""
+    from pyprotoclip.train.params import FLAG_BY_KEY
+
+    extra = _method_for("train", next(p for p in COMMANDS["train"].params if p.name == FLAG_BY_KEY[flag.replace("-", "_")].key))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"train-data: d/{{0..1}}.tar\n{flag}: {value}\n")
+    result = CliRunner().invoke(main, ["train", *extra, "--config", str(cfg)])
+    assert not isinstance(result.exception, Reached), f"{flag}: {value} in a config file ran"
+    _assert_usage_error(result, flag)
