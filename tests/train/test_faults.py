@@ -49,6 +49,20 @@ def test_a_preemption_signal_saves_a_resumable_checkpoint_and_exits_0(shards, tm
     assert 1 <= state["step"] < 800
 
 
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """SIGTERM reaches rank 1 only: both ranks stop after the same step (one all-reduce over a gloo group) and
+    rank 0 writes a resumable checkpoint of that step."""
+    from _two_ranks import run_two_forked_ranks
+
+    from pyprotoclip.checkpoint import load_checkpoint
+
+    w0, w1 = run_two_forked_ranks(tmp_path, "sigterm")
+    assert w0["interrupted"] and w1["interrupted"] and w0["step"] == w1["step"] == 2
+    assert load_checkpoint(str(tmp_path / "logs" / "ddp" / "checkpoints" / "epoch_latest.pt"))["step"] == 2
+    assert "a signal to another process received" in open(tmp_path / "logs" / "ddp" / "out.log").read()
+
+
 def test_a_failed_start_leaves_a_reusable_run_directory(tmp_path, fake_train):
     with pytest.raises(ValueError, match="pretrained"):
         fake_train(name="again", pretrained=str(tmp_path / "missing.pt"))

@@ -196,24 +196,10 @@ def test_the_grad_scaler_s_own_skips_are_not_faults_and_a_nan_loss_leaves_its_sc
 @pytest.mark.slow
 def test_every_rank_skips_the_step_one_rank_found_non_finite(tmp_path):
     """Only rank 1's loss is NaN (its gradients, and so the all-reduced ones, are finite): both ranks skip,
-    so the replicas stay identical. Two forked gloo processes (no torch import to wait for)."""
-    import multiprocessing
-    import socket
+    so the replicas stay identical."""
+    from _two_ranks import run_two_forked_ranks
 
-    import _nonfinite_ddp_worker as worker
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "w.pt")
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=worker.main, args=(rank, port, out, str(tmp_path / "logs"))) for rank in (0, 1)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(120)
-    assert [proc.exitcode for proc in procs] == [0, 0]
-    w0, w1 = (torch.load(f"{out}.{rank}", weights_only=True) for rank in (0, 1))
+    w0, w1 = run_two_forked_ranks(tmp_path, "nonfinite")
     assert w0["skipped"] == w1["skipped"] == 1
     for k, v in w0["weights"].items():
         assert torch.equal(v, w1["weights"][k]), k
