@@ -1,7 +1,8 @@
 """Two forked gloo ranks on fake_data (test_nonfinite.py, test_faults.py) where only rank 1 meets a fault at its
 second step: mode "nonfinite", its loss is NaN (its gradients stay finite); mode "sigterm", it receives
-SIGTERM. Every rank saves its weights, its step and its skipped-step count."""
+SIGTERM; mode "enospc": rank 0's first checkpoint write fails with ENOSPC. Every rank saves its weights, its step and its skipped-step count."""
 
+import errno
 import os
 import signal
 import sys
@@ -27,7 +28,7 @@ def main(rank: int, port: int, out: str, logs: str, mode: str = "nonfinite") -> 
         calls.append(1)
         if rank == 1 and len(calls) == 2 and mode == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)
-        elif rank == 1 and len(calls) == 2:
+        elif rank == 1 and len(calls) == 2 and mode == "nonfinite":
             inner = loss_fn
 
             def nan_loss(outputs, *, step_context):
@@ -39,11 +40,29 @@ def main(rank: int, port: int, out: str, logs: str, mode: str = "nonfinite") -> 
         return real_step(model, loss_fn, batches, optimizer, **kw)
 
     epoch_mod.train_step = step
+    if mode == "enospc" and rank == 0:
+        torch_save = torch.save
+
+        def full(obj, f, *a, **k):  # checkpoint files only: torch.distributed pickles objects with torch.save too
+            if not isinstance(getattr(f, "name", None), str):
+                return torch_save(obj, f, *a, **k)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        torch.save = full
     p = P.defaults()
     p.update(train_data="fake", model="tiny-vit", batch_size=8, epochs=1, workers=0, warmup=1, logs=logs, name="ddp",
              precision="fp32", log_every_n_steps=1, train_num_samples=64 if mode == "sigterm" else 32, lr=1e-3,
-             device="cpu")
-    summary = trainer.run(p, data=fake_data.module)
+             device="cpu", save_every_n_steps=1 if mode == "enospc" else 0)
+    from pyprotoclip.train.faults import TrainingError
+
+    try:
+        summary = trainer.run(p, data=fake_data.module)
+    except TrainingError as exc:
+        if mode == "enospc" and rank == 0:
+            torch.save = torch_save
+        torch.save({"error": str(exc)}, f"{out}.{rank}")
+        torch.distributed.destroy_process_group()
+        return
     torch.save({"skipped": summary["skipped_steps"], "step": summary["step"], "interrupted": summary["interrupted"],
                 "weights": {k: v.clone() for k, v in summary["model"].state_dict().items()}}, f"{out}.{rank}")
     torch.distributed.destroy_process_group()

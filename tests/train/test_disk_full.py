@@ -88,3 +88,14 @@ def test_the_cli_prints_the_error_on_one_line_and_exits_1(disk_fills_up, tmp_pat
     errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "could not write checkpoint" in errors[0] and "Usage:" not in res.output, res.output
 
+
+
+@pytest.mark.slow
+def test_disk_full_on_rank_0_stops_every_rank_with_the_same_line(tmp_path):
+    """Only rank 0 writes checkpoints: its failure reaches rank 1, which would otherwise wait in the next step's
+    collectives, and both end with the same one-line error."""
+    from _two_ranks import run_two_forked_ranks
+
+    r0, r1 = run_two_forked_ranks(tmp_path, "enospc")
+    assert r0["error"] == r1["error"] and r0["error"].startswith("could not write checkpoint "), r0
+    assert "epoch_latest.pt: No space left on device (no earlier checkpoint exists)" in r0["error"]
