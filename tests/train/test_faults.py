@@ -126,3 +126,11 @@ def test_text_given_as_a_checkpoint_says_what_it_looks_like(tmp_path, content, l
             load(str(path))
         msg = str(info.value)
         assert msg.startswith(prefix) and looks in msg and "\n" not in msg and "Traceback" not in msg, msg
+
+
+def test_resume_into_a_different_run_is_a_one_line_error(fake_train):
+    fake_train(epochs=2, stop_after_steps=1, save_every_n_steps=1)
+    with pytest.raises(ValueError, match=r"resume: .* was written with 2 steps per epoch, this run has 4; keep --batch-size"):
+        fake_train(epochs=2, batch_size=4, resume="latest")
+    with pytest.raises(ValueError, match="resume: .* was trained with --method clip, this run has --method cyclip"):
+        fake_train(epochs=2, method="cyclip", resume="latest")

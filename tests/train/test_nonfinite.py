@@ -240,3 +240,16 @@ def test_a_non_finite_protoclip_step_is_skipped_exactly(poison, tmp_path):
     assert not torch.equal(calls[2][0][0]["text_projection"], calls[2][1][0]["text_projection"])
     for name in ("logit_scale", "logit_scale_proto"):
         assert 0 <= float(getattr(s["model"], name).detach()) <= LN_100
+
+
+def test_the_stop_message_says_when_the_weights_themselves_are_non_finite():
+    from pyprotoclip.train.faults import NonFiniteGuard
+
+    model = _Toy()
+    guard = NonFiniteGuard(2)
+    guard.record("loss", 5, model, {"loss": torch.tensor(float("nan"))})
+    with torch.no_grad():
+        model.img[1].weight[0, 0] = float("inf")
+    with pytest.raises(TrainingError, match=r"steps 5-6, --max-nonfinite 2\) and the weights themselves are non-finite"):
+        guard.record("gradients", 6, model, {"loss": torch.tensor(1.0)})
+    assert guard.total == 2
