@@ -178,4 +178,4 @@ def _restart_store() -> dist.Store | None:
 
     base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
                          is_master=False, timeout=default_pg_timeout)
-    return dist.PrefixStore(f"pyprotoclip/attempt_{attempt}/", base)
+    return dist.PrefixStore(f"pyprotoclip/attempt_{attempt}", base)

@@ -417,3 +417,27 @@ def test_the_save_pause_hook_pauses_only_the_nth_write_before_the_rename(tmp_pat
     t0 = time.perf_counter()
     ckpt.save_checkpoint({"step": 4}, target)
     assert time.perf_counter() - t0 < 0.3
+
+
+def test_each_torchrun_restart_sees_the_agent_store_under_a_prefix_of_its_own(monkeypatch):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from pyprotoclip import distributed as pdist
+
+    server = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timedelta(seconds=5))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert pdist._restart_store() is None  # not under torchrun
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    assert pdist._restart_store() is None  # rank 0 hosts a fresh store each time
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    server.set("rank_1", "an address of the killed worker")
+    store = pdist._restart_store()
+    store.set("rank_1", "the restarted worker's")
+    assert server.get("pyprotoclip/attempt_1/rank_1") == b"the restarted worker's"
+    assert server.get("rank_1") == b"an address of the killed worker"
