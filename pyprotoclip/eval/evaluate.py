@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from pyprotoclip.eval.metrics import evaluate_model
+from pyprotoclip.progress import ProgressClock, format_duration
 
 # training samples whose image features the linear probe is fitted on, by default (0: all)
 DEFAULT_PROBE_TRAIN_SAMPLES = 10_000
@@ -29,8 +30,6 @@ def _feature_progress(say: Callable[[str], None] | None, what: str, total: int |
     """extract_features' callback: ``say`` a line (samples done, rate, ETA) when 30 s passed since the last."""
     if say is None:
         return None
-    from pyprotoclip.train.reporting import ProgressClock, format_duration
-
     clock, t0 = ProgressClock(), time.time()
 
     def report(n: int) -> None:

@@ -12,7 +12,8 @@ import torch
 
 from pyprotoclip.losses import EpochContext, StepContext
 from pyprotoclip.train import policy
-from pyprotoclip.train.reporting import Meter, ProgressClock, TermMeter, eta_seconds, format_duration, format_terms, log
+from pyprotoclip.progress import ProgressClock, eta_seconds, format_duration
+from pyprotoclip.train.reporting import Meter, TermMeter, format_terms, log
 from pyprotoclip.train.setup import TrainRun
 from pyprotoclip.train.state import save
 from pyprotoclip.train.step import batch_metadata, train_step

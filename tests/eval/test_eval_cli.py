@@ -191,10 +191,10 @@ def test_eval_open_clip_checkpoints_without_model(tmp_path, fake_pdata):
 
 def test_feature_extraction_progress_lines_every_30_s(monkeypatch, tmp_path, fake_pdata):
     from pyprotoclip.eval.evaluate import _feature_progress
-    from pyprotoclip.train import reporting
+    from pyprotoclip import progress as progress_module
 
     t = [0.0]
-    monkeypatch.setattr(reporting, "_now", lambda: t[0])
+    monkeypatch.setattr(progress_module, "_now", lambda: t[0])
     lines = []
     report = _feature_progress(lines.append, "data", 100)
     for n, now in ((10, 10.0), (20, 29.0), (30, 31.0), (40, 45.0), (50, 62.0)):
@@ -205,7 +205,7 @@ def test_feature_extraction_progress_lines_every_30_s(monkeypatch, tmp_path, fak
     assert all(re.search(r"samples/s, ETA \d+s$", ln) for ln in lines), lines
     assert _feature_progress(None, "data", 100) is None
     # through the command: a clock that jumps 31 s a reading prints to stderr, never into --json's stdout
-    monkeypatch.setattr(reporting, "_now", lambda: t.__setitem__(0, t[0] + 31.0) or t[0])
+    monkeypatch.setattr(progress_module, "_now", lambda: t.__setitem__(0, t[0] + 31.0) or t[0])
     path, _ = _checkpoint(tmp_path)
     r = CliRunner().invoke(main, ["eval", "--checkpoint", str(path), "--data", "fake", "--workers", "0", "--batch-size", "32",
                                   "--no-plot", "--json"])

@@ -2,10 +2,8 @@
 
 import re
 
-import pytest
-
-from pyprotoclip.train import reporting
-from pyprotoclip.train.reporting import ProgressClock, eta_seconds, format_duration
+from pyprotoclip import progress as progress_module
+from pyprotoclip.progress import ProgressClock, eta_seconds, format_duration
 
 
 def test_progress_clock_is_due_every_30_seconds_since_the_last_line():
@@ -35,7 +33,7 @@ def test_training_without_a_terminal_logs_progress_lines_on_the_time_trigger(fak
         t[0] += 10.0
         return t[0]
 
-    monkeypatch.setattr(reporting, "_now", fake_now)
+    monkeypatch.setattr(progress_module, "_now", fake_now)
     fake_train(train_num_samples=64, batch_size=8, log_every_n_steps=1000)  # 8 steps, one step-count line (the last)
     lines = open(tmp_path / "logs" / "run" / "out.log").read().splitlines()
     progress = [ln.split("| INFO | ", 1)[1] for ln in lines if "Progress:" in ln]
