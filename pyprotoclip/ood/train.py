@@ -28,6 +28,7 @@ from pyprotoclip import distributed as pdist
 from pyprotoclip.losses import PALMLoss
 from pyprotoclip.ood.models import AUGMENTATIONS, MultiView, build_model, no_text, resolve_model_cfg, train_transform
 from pyprotoclip.ops import skip_value_checks
+from pyprotoclip.progress import ProgressClock, eta_seconds, format_duration
 from pyprotoclip.train import policy
 from pyprotoclip.train.faults import (BufferSnapshot, NonFiniteGuard, TrainingError, checkpoint_write_error,
                                       gradient_norm, nonfinite_flags, read_flags)
@@ -416,7 +417,9 @@ def _train_epoch(r: _Run, epoch: int, step_t: Meter) -> bool:
     r.model.train()
     it = iter(loader)
     terms_epoch, window = TermMeter(), Meter()
-    bar = None
+    bar, clock = None, ProgressClock()
+    stop = p["stop_after_steps"]
+    last_step = min(p["epochs"] * spe, stop) if stop else p["epochs"] * spe
     if r.is_main and sys.stdout.isatty():
         from tqdm import tqdm
 
@@ -459,6 +462,13 @@ def _train_epoch(r: _Run, epoch: int, step_t: Meter) -> bool:
                 r.results.write({"type": "train", "epoch": epoch, "step": r.step, "samples": r.step * gb, **finite,
                                  "lr": lr, "samples_per_s": sps, "skipped_steps": n_skipped}, scalars="train")
                 window = Meter()
+                clock.mark()
+            elif bar is None and r.is_main and clock.due():  # no terminal: a line every ~30 s, reading no tensor
+                eta = format_duration(eta_seconds(step_t.avg, r.step, last_step)) if step_t.count else "?"
+                gb = p["batch_size"] * r.world
+                log.info("Progress: epoch %d [%d/%d (%.0f%%)] step %d/%d | %.1f samples/s | ETA %s", epoch, (local + 1) * gb,
+                         spe * gb, 100.0 * (local + 1) / spe, r.step, last_step, gb * window.count / max(window.total, 1e-9), eta)
+                clock.mark()
             if last_in_epoch:
                 break
             names = policy.checkpoints_after_step(p, r.step)

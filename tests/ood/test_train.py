@@ -91,6 +91,25 @@ def test_interrupted_and_resumed_run_is_exact(train_params):
     assert torch.equal(full["loss_fn"].prototypes, resumed["loss_fn"].prototypes)
 
 
+def test_without_a_terminal_a_progress_line_comes_on_the_time_trigger(train_params, monkeypatch):
+    from pyprotoclip import progress as progress_module
+
+    t = [0.0]
+
+    def fake_now():  # every reading of the clock is 10 s later than the one before
+        t[0] += 10.0
+        return t[0]
+
+    monkeypatch.setattr(progress_module, "_now", fake_now)
+    summary = T.run(train_params(epochs=1, train_num_samples=48, log_every_n_steps=1000))  # 6 steps, one Train line
+    lines = open(os.path.join(summary["run_dir"], "out.log")).read().splitlines()
+    progress = [ln.split("| INFO | ", 1)[1] for ln in lines if "Progress:" in ln]
+    # the clock starts at 10; steps 1, 2, 3 ask at 20, 30, 40: due at step 3, marked at 50; steps 4, 5 ask at 60, 70;
+    # step 6 is the epoch's end (its Train Epoch line)
+    assert [ln.split(" step ", 1)[1].split(" ", 1)[0] for ln in progress] == ["3/6"], progress
+    assert all(" | ETA " in ln and "samples/s" in ln for ln in progress), progress
+
+
 def test_cross_entropy_baseline_has_a_classifier(train_params):
     summary = T.run(train_params(loss="ce"))
     net = summary["net"]
