@@ -8,7 +8,10 @@ done. Random augmentations are seeded per (purpose, epoch, position), so a sampl
 the worker that decodes it or on resuming.
 
 A sample that cannot be read or decoded is replaced, deterministically, by the next readable sample in the
-dataset (counted as bad): extraction and training then see the same replacement.
+dataset (counted as bad): extraction and training then see the same replacement. When none of the next
+``MAX_REPLACEMENTS`` is readable, the loader's worker does not raise (torch would re-raise its exception in the
+main process with the worker's traceback inside the message): the item carries the one-line reason, and
+:class:`EpisodeLoader` raises :class:`BadDataError` with it in the main process, as the webdataset loader does.
 """
 
 from __future__ import annotations
@@ -76,6 +79,22 @@ class EpisodeSamples(Dataset):
                            "or were changed after the run started")
 
 
+class _Reported(Dataset):
+    """An :class:`EpisodeSamples` whose BadDataError becomes an item {"__error__": message}, for the loader to raise."""
+
+    def __init__(self, samples: EpisodeSamples) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        try:
+            return self.samples[j]
+        except BadDataError as exc:
+            return {"__error__": str(exc)}
+
+
 class EpisodeLoader:
     """Batches of B items of an :class:`EpisodeSamples` in a given order, from batch ``start_batch`` on.
 
@@ -98,6 +117,9 @@ class EpisodeLoader:
         return max(0, self.num_batches - self.start_batch)
 
     def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        for x in items:
+            if "__error__" in x:
+                return {"__error__": x["__error__"]}
         text = self.tokenize([x["caption"] for x in items])
         return {
             "image": torch.stack([x["image"] for x in items]),
@@ -113,9 +135,11 @@ class EpisodeLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         B = self.batch_size
         batches = [self.order[b * B : (b + 1) * B] for b in range(self.start_batch, self.num_batches)]
-        loader = DataLoader(self.samples, batch_sampler=batches, collate_fn=self._collate, num_workers=self.workers,
+        loader = DataLoader(_Reported(self.samples), batch_sampler=batches, collate_fn=self._collate, num_workers=self.workers,
                             pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
         for batch in loader:
+            if "__error__" in batch:  # from a worker, or from this process: the same one-line message
+                raise BadDataError(batch["__error__"])
             n_bad = batch.pop("__bad__")
             self._bad["bad_image"] += n_bad
             self._seen += n_bad + len(batch["key"])

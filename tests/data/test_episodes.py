@@ -87,3 +87,26 @@ def test_an_unreadable_sample_is_replaced_by_the_next_readable_one(tmp_path):
     loader = EpisodeLoader(samples, torch.arange(2), batch_size=2, tokenize=tokenize, workers=0)
     batch = next(iter(loader))
     assert batch["index"].tolist() == [3, 3] and loader.stats()["bad_total"] == 1
+
+
+def test_unreadable_data_in_a_worker_is_a_one_line_bad_data_error(tmp_path):
+    from pyprotoclip.data.pipeline import BadDataError
+
+    spec = write_good_shards(str(tmp_path / "d"), 1, 4)
+    index = ShardIndex(expand_shards(spec))
+    real = index.read
+
+    def read(i):
+        sample = real(i)
+        sample["jpg"] = b"not an image"
+        return sample
+
+    index.read = read  # the worker is forked: it reads through this too
+    samples = EpisodeSamples(index, torch.tensor([1, 2]), torch.arange(2), preprocess, seed=0, purpose=1, epoch=0)
+    for workers in (0, 1):
+        loader = EpisodeLoader(samples, torch.arange(2), batch_size=2, tokenize=tokenize, workers=workers)
+        with pytest.raises(BadDataError) as err:
+            next(iter(loader))
+        msg = str(err.value)
+        assert "\n" not in msg and "worker" not in msg and "Traceback" not in msg
+        assert msg.startswith("train-data: 16 consecutive unreadable samples from sample 1 ")
