@@ -26,6 +26,8 @@ def _ranks(query: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor | None 
     """
     if chunk is None:  # rows of (chunk, N) similarities at a time: at most 2**26 elements (256 MiB of float32)
         chunk = max(1, min(4096, (1 << 26) // max(keys.shape[0], 1)))
+    if groups is not None:
+        groups = groups.to(keys.device)  # indexed below by device indices; once, not per chunk
     out = []
     for s in range(0, query.shape[0], chunk):
         sim = query[s : s + chunk] @ keys.t()  # (c, N)
@@ -33,7 +35,7 @@ def _ranks(query: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor | None 
         if groups is None:
             best = sim[torch.arange(sim.shape[0], device=sim.device), idx]
         else:
-            correct = groups[idx][:, None] == groups[None, :].to(sim.device)  # (c, N), includes key i
+            correct = groups[idx][:, None] == groups[None, :]  # (c, N), includes key i
             best = sim.masked_fill(~correct, float("-inf")).max(dim=1).values
         out.append((sim > best[:, None]).sum(dim=1))
     return torch.cat(out)

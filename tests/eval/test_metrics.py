@@ -110,6 +110,15 @@ def _hand_case():
     return img, torch.eye(5)[:4]
 
 
+def test_retrieval_ranks_keep_caption_groups_on_the_features_device():
+    # the caption groups are built on the CPU; features on another device (meta: shapes only, no GPU needed)
+    from pyprotoclip.eval.retrieval import _ranks, caption_groups
+
+    q = torch.randn(5, 3, device="meta")
+    ranks = _ranks(q, q, caption_groups(["a", "b", "a", "c", "b"]), chunk=2)
+    assert ranks.device.type == "meta" and ranks.shape == (5,)
+
+
 def test_retrieval_counts_any_caption_with_the_same_text():
     img, txt = _hand_case()
     captions = ["a red circle", "a red circle", "a blue star", "a green square"]
