@@ -56,16 +56,31 @@ def _test_pause(tmp: str) -> None:
     time.sleep(float(seconds))
 
 
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError (a full disk, a quota) behind ``exc``, if its chain of causes holds one."""
+    seen = exc
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    return seen
+
+
 def save_checkpoint(obj: dict[str, Any], path: str) -> None:
     """Write ``obj`` to ``path`` so that a reader never sees a partial file: a temp file beside it
     (``.<name>.tmp<pid>``, fsynced), renamed over ``path``. A process killed mid-write leaves the temp
-    file and the previous ``path``; :func:`remove_stale_temp_files` cleans up after it."""
+    file and the previous ``path``; :func:`remove_stale_temp_files` cleans up after it. A failed write
+    (a full disk) raises the ``OSError`` behind it."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as exc:  # torch's writer reports a failed write as its own error
+                cause = _os_error_in(exc)
+                if cause is None:
+                    raise
+                raise cause from None  # the OSError already says what failed
             f.flush()
             os.fsync(f.fileno())
         _test_pause(tmp)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -30,3 +32,44 @@ def low_precision_error_ok(kernel: torch.Tensor, same_dtype_reference: torch.Ten
     k_err = (kernel.detach().double().cpu() - oracle64.detach().double().cpu()).abs().max().item()
     r_err = (same_dtype_reference.detach().double().cpu() - oracle64.detach().double().cpu()).abs().max().item()
     assert k_err <= r_err + slack, f"{name}: kernel error {k_err:.3g} > reference error {r_err:.3g} + {slack}"
+
+
+class DiskFull:
+    """Make checkpoint writes fail as a full disk does: after ``after`` whole checkpoint files, the file's
+    ``write()`` raises ENOSPC once ``limit`` bytes are written (torch's writer then raises its own
+    RuntimeError with the OSError behind it, as on a real full disk). ``install(monkeypatch)`` patches
+    the ``open`` that :func:`pyprotoclip.checkpoint.save_checkpoint` uses; ``opened`` counts the files."""
+
+    def __init__(self, after: int, limit: int = 1000, before_failing=None) -> None:
+        self.after, self.limit, self.before_failing, self.opened = after, limit, before_failing, 0
+
+    def open(self, path, mode="r", *args, **kwargs):
+        import builtins
+        import errno
+        import io
+
+        if "w" not in mode or "b" not in mode:
+            return builtins.open(path, mode, *args, **kwargs)
+        self.opened += 1
+        if self.opened <= self.after:
+            return builtins.open(path, mode, *args, **kwargs)
+        if self.before_failing is not None:
+            self.before_failing()
+        limit = self.limit
+
+        class _Full(io.FileIO):
+            written = 0
+
+            def write(self, b):
+                if self.written + len(b) > limit:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                self.written += len(b)
+                return super().write(b)
+
+        return _Full(path, "wb")
+
+    def install(self, monkeypatch) -> "DiskFull":
+        from pyprotoclip import checkpoint
+
+        monkeypatch.setattr(checkpoint, "open", self.open, raising=False)
+        return self

@@ -279,7 +279,7 @@ class _Run:
             path = os.path.join(self.ckpt_dir, name)
             try:
                 ckpt.save_checkpoint(state, path)
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever failed, every rank must learn of it
                 return checkpoint_write_error(path, exc, self.ckpt_dir)
         return None
 

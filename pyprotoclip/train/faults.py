@@ -108,12 +108,12 @@ class NonFiniteGuard:
             )
 
 
-def checkpoint_write_error(path: str, exc: OSError, ckpt_dir: str) -> str:
+def checkpoint_write_error(path: str, exc: Exception, ckpt_dir: str) -> str:
     """The one-line message for a checkpoint that could not be written, naming the newest intact one."""
     from pyprotoclip import checkpoint as ckpt
 
-    reason = exc.strerror or str(exc)
-    then = "free space, then" if exc.errno == errno.ENOSPC else "once the directory is writable,"
+    reason = (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).splitlines()[0]
+    then = "free space, then" if getattr(exc, "errno", None) == errno.ENOSPC else "once the directory is writable,"
     latest = ckpt.find_latest(ckpt_dir) if os.path.isdir(ckpt_dir) else None
     try:
         step = ckpt.load_checkpoint(latest, mmap=True).get("step") if latest is not None else None

@@ -46,7 +46,7 @@ def _write(run: TrainRun, names: list[str], epochs_done: int, common: dict[str, 
         path = os.path.join(run.ckpt_dir, name)
         try:
             ckpt.save_checkpoint(state, path)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever failed, every rank must learn of it
             return checkpoint_write_error(path, exc, run.ckpt_dir)
         log.info("saved %s (%.1f MB)", path, os.path.getsize(path) / 1e6)
     return None

@@ -5,7 +5,6 @@ a checkpoint write keeps the previous checkpoint and stops with a one-line error
 from __future__ import annotations
 
 import copy
-import errno
 import json
 import os
 
@@ -14,6 +13,7 @@ import torch
 
 from pyprotoclip.ood import train as T
 from pyprotoclip.train.faults import TrainingError
+from tests.utils import DiskFull
 
 
 class _NaNFeatures(torch.nn.Module):
@@ -99,18 +99,13 @@ def test_max_nonfinite_must_not_be_negative(train_params):
 
 @pytest.mark.slow
 def test_disk_full_keeps_the_previous_ood_checkpoint(train_params, monkeypatch, tmp_path):
-    real, calls, before = torch.save, [], {}
+    before = {}
     ckpt_dir = tmp_path / "logs" / "run" / "checkpoints"
 
-    def save(obj, f, *a, **k):
-        calls.append(1)
-        if len(calls) == 1:
-            return real(obj, f, *a, **k)
-        before["latest"] = (ckpt_dir / "epoch_latest.pt").read_bytes()  # as the first epoch wrote it
-        f.write(b"\0" * 1000)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def remember():  # as the first epoch wrote it
+        before["latest"] = (ckpt_dir / "epoch_latest.pt").read_bytes()
 
-    monkeypatch.setattr(torch, "save", save)
+    DiskFull(after=1, before_failing=remember).install(monkeypatch)
     with pytest.raises(TrainingError) as info:
         T.run(train_params(epochs=3, save_frequency=0, save_most_recent=True))  # epoch_latest.pt after every epoch
     latest = ckpt_dir / "epoch_latest.pt"

@@ -3,35 +3,20 @@ is left, and the run stops with a one-line error naming the file, why, and the c
 
 from __future__ import annotations
 
-import errno
 import os
 
 import pytest
-import torch
 
 from pyprotoclip.checkpoint import load_checkpoint
 from pyprotoclip.train.faults import TrainingError
+from tests.utils import DiskFull
 
 
 @pytest.fixture
 def disk_fills_up(monkeypatch):
-    """disk_fills_up(after=N): torch.save works N times, then writes 1000 bytes and fails with ENOSPC."""
-    real = torch.save
-
-    def install(after):
-        calls = []
-
-        def save(obj, f, *a, **k):
-            calls.append(1)
-            if len(calls) <= after:
-                return real(obj, f, *a, **k)
-            f.write(b"\0" * 1000)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        monkeypatch.setattr(torch, "save", save)
-        return calls
-
-    return install
+    """disk_fills_up(after=N): N checkpoint files are written, then the disk is full (ENOSPC from the file's
+    write after 1000 bytes, under torch's own writer, as on a real disk); returns the DiskFull (``opened``)."""
+    return lambda after: DiskFull(after).install(monkeypatch)
 
 
 def _snapshot(ckpt_dir):
@@ -43,7 +28,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_stops_with_one_line(fake_tr
     from pyprotoclip.train import trainer
 
     ckpt_dir = tmp_path / "logs" / "run" / "checkpoints"
-    calls = disk_fills_up(after=2)  # epoch 1 writes epoch_1.pt and epoch_latest.pt; epoch 2's first write fails
+    disk = disk_fills_up(after=2)  # epoch 1 writes epoch_1.pt and epoch_latest.pt; epoch 2's first write fails
     seen = {}
     evaluate = trainer.evaluate
 
@@ -54,7 +39,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_stops_with_one_line(fake_tr
     monkeypatch.setattr(trainer, "evaluate", remember)
     with pytest.raises(TrainingError) as info:
         fake_train(epochs=2, save_most_recent=True)
-    assert len(calls) == 3
+    assert disk.opened == 3
     msg = str(info.value)
     assert set(seen) == {"epoch_1.pt", "epoch_latest.pt"}
     assert _snapshot(ckpt_dir) == seen  # bitwise the same files, and nothing else (no temp file)
