@@ -29,8 +29,7 @@ def _validate(
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
     if weights is not None:
         weights = checks.weights_vector("weights", weights, x.shape[0], x)
-    checks.finite("x", x)
-    checks.finite("centroids", centroids)
+    checks.finite_all([("x", x), ("centroids", centroids)])
     return x, centroids, weights
 
 

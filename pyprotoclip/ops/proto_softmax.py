@@ -27,8 +27,7 @@ def _validate_features(features: object, prototypes: object) -> tuple[torch.Tens
     checks.same_device([("features", features), ("prototypes", prototypes)])
     checks.same_dtype([("features", features), ("prototypes", prototypes)])
     checks.same_width([("features", features), ("prototypes", prototypes)])
-    checks.finite("features", features)
-    checks.finite("prototypes", prototypes)
+    checks.finite_all([("features", features), ("prototypes", prototypes)])
     return features, prototypes
 
 
@@ -80,7 +79,7 @@ def _validate_target(target: object, features: torch.Tensor, num: int) -> tuple[
         if target.dim() != 1 or target.shape[0] != batch:
             raise ValueError(f"target: expected int64 indices of shape ({batch},), got {tuple(target.shape)}")
         if checks.value_checks_enabled() and batch > 0:
-            lo, hi = int(target.min()), int(target.max())
+            lo, hi = torch.stack(torch.aminmax(target)).tolist()  # one read-back, not two
             if lo < 0 or hi >= num:
                 raise ValueError(f"target: expected indices in [0, {num}) (the number of prototypes), got [{lo}, {hi}]")
         return target, None
@@ -173,8 +172,7 @@ def proto_cross_entropy(
             raise ValueError(
                 f"teacher_prototypes: expected {num} rows (as prototypes), got shape {tuple(t_proto.shape)}"
             )
-        checks.finite("teacher_features", t_feat)
-        checks.finite("teacher_prototypes", t_proto)
+        checks.finite_all([("teacher_features", t_feat), ("teacher_prototypes", t_proto)])
         t_temp = checks.scalar(
             "teacher_temperature", teacher_temperature, features.device, positive=True, dtype=_number_dtype(features)
         ).detach()
