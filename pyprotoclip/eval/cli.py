@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 
 import click
 
-DEFAULT_PROBE_TRAIN_SAMPLES = 10_000  # the same as pyprotoclip.eval.evaluate's (kept here: --help stays light)
-
-
-def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    if value is not None and not math.isfinite(value):  # a range check lets NaN through
-        raise click.BadParameter(f"expected a finite number, got {value}")
-    return value
+from pyprotoclip.cli_helpers import finite, usage_or_data_error
+from pyprotoclip.eval.evaluate import DEFAULT_PROBE_TRAIN_SAMPLES
 
 
 def _seed(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
@@ -37,9 +31,9 @@ def _seed(ctx: click.Context, param: click.Parameter, value: int | None) -> int 
 @click.option("--train-num-samples", "--probe-train-num-samples", "train_num_samples", type=click.IntRange(min=0),
               default=DEFAULT_PROBE_TRAIN_SAMPLES, show_default=True,
               help="Fit the linear probe on the first N samples of --train-data (shard order); 0: all of them.")
-@click.option("--probe-test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), callback=_finite, default=0.5, show_default=True,
+@click.option("--probe-test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), callback=finite, default=0.5, show_default=True,
               help="Held-out share of --data for the linear probe when no --train-data is given.")
-@click.option("--probe-c", type=click.FloatRange(min=0, min_open=True), callback=_finite, default=None,
+@click.option("--probe-c", type=click.FloatRange(min=0, min_open=True), callback=finite, default=None,
               help="Inverse L2 strength of the logistic regression (default: a sweep of 1e-3..1e2 with --train-data, "
                    "else 1).")
 @click.option("--seed", type=int, callback=_seed, default=0, show_default=True, help="Seed of the linear probe's split and k-means.")
@@ -68,7 +62,7 @@ def eval_cmd(checkpoint, data, model_name, classnames, templates, batch_size, wo
             progress=lambda line: click.echo(line, err=True),
         )
     except (ValueError, FileNotFoundError) as exc:
-        raise _usage_or_data_error(exc) from None
+        raise usage_or_data_error(exc) from None
     if as_json:
         click.echo(json.dumps(results, indent=2, default=str))
         return
@@ -82,10 +76,3 @@ def eval_cmd(checkpoint, data, model_name, classnames, templates, batch_size, wo
     click.echo(f"results: {results['results']}")
     if "plot" in results:
         click.echo(f"plot: {results['plot']}")
-
-
-def _usage_or_data_error(exc: Exception) -> click.ClickException:
-    """Bad data is no usage error: one line without the usage text (exit 1); other ValueErrors are (exit 2)."""
-    from pyprotoclip.data.pipeline import BadDataError
-
-    return click.ClickException(str(exc)) if isinstance(exc, BadDataError) else click.UsageError(str(exc))

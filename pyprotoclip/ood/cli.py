@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import click
+
+from pyprotoclip.cli_helpers import finite, usage_or_data_error
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -14,12 +15,6 @@ CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 @click.group(context_settings=CTX)
 def ood() -> None:
     """Out-of-distribution detection: train PALM, score any checkpoint, evaluate (FPR95, AUROC, ...)."""
-
-
-def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    if value is not None and not math.isfinite(value):  # a range check lets NaN through
-        raise click.BadParameter(f"expected a finite number, got {value}")
-    return value
 
 
 def _floats3(ctx, param, value):
@@ -40,7 +35,7 @@ def _floats3(ctx, param, value):
 @click.option("--dataset-resampled", is_flag=True, help="Sample shards with replacement.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Data-loader workers per process (official: 2).")
 @click.option("--shuffle-buffer", type=int, default=1000, show_default=True,
-              help="Samples per worker shuffled together; class-sorted shards (from-folder) need one per worker's share (docs/ood.md).")
+              help="Samples per worker shuffled together; class-sorted shards (from-folder --keep-order) need one per worker's share (docs/ood.md).")
 @click.option("--max-bad-fraction", type=float, default=0.1, show_default=True,
               help="Stop with an error naming the worst shards when a data worker finds more than this fraction of its "
                    "samples bad (undecodable, no caption, in a damaged shard) after 1000 (1: never stop).")
@@ -104,7 +99,7 @@ def train_cmd(**p: Any) -> None:
     try:
         run(p)
     except (ValueError, FileNotFoundError) as exc:
-        raise _usage_or_data_error(exc) from None
+        raise usage_or_data_error(exc) from None
     except TrainingError as exc:  # a fault during the run: the flags were fine, so no usage text
         raise click.ClickException(str(exc)) from None
 
@@ -120,7 +115,7 @@ def _scoring_options(fn):
                      help="official: the PALM code's formula (subtracts the mean a second time); corrected: the plain distance."),
         click.option("--knn-k", type=click.IntRange(min=1), default=50, show_default=True, help="k of the KNN score."),
         click.option("--knn-backend", type=click.Choice(["auto", "faiss", "torch"]), default="auto", show_default=True),
-        click.option("--mcm-temperature", type=click.FloatRange(min=0, min_open=True), callback=_finite, default=1.0, show_default=True, help="Softmax temperature of MCM."),
+        click.option("--mcm-temperature", type=click.FloatRange(min=0, min_open=True), callback=finite, default=1.0, show_default=True, help="Softmax temperature of MCM."),
         click.option("--classnames", "classnames_file", default=None, type=click.Path(exists=True, dir_okay=False),
                      help="MCM class names, one a line [default: classnames.txt beside the ID shards]."),
         click.option("--templates", "templates_file", default=None, type=click.Path(exists=True, dir_okay=False),
@@ -170,7 +165,7 @@ def score_cmd(checkpoint, model_name, train_data, train_num_samples, mahalanobis
         feats = S.extract(sm, data, **kw)
         scores = scorer(feats)
     except (ValueError, FileNotFoundError) as exc:
-        raise _usage_or_data_error(exc) from None
+        raise usage_or_data_error(exc) from None
     if out_path:
         np.savez(out_path, scores=scores, labels=feats["labels"].numpy(), keys=np.array(feats["keys"]), score=score_name)
     q = np.percentile(scores, [5, 50, 95])
@@ -191,7 +186,7 @@ def score_cmd(checkpoint, model_name, train_data, train_num_samples, mahalanobis
 @click.option("--mahalanobis-form", type=click.Choice(["official", "corrected"]), default="official", show_default=True)
 @click.option("--knn-k", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--knn-backend", type=click.Choice(["auto", "faiss", "torch"]), default="auto", show_default=True)
-@click.option("--mcm-temperature", type=click.FloatRange(min=0, min_open=True), callback=_finite, default=1.0, show_default=True)
+@click.option("--mcm-temperature", type=click.FloatRange(min=0, min_open=True), callback=finite, default=1.0, show_default=True)
 @click.option("--classnames", "classnames_file", default=None, type=click.Path(exists=True, dir_okay=False))
 @click.option("--templates", "templates_file", default=None, type=click.Path(exists=True, dir_okay=False))
 @click.option("--id-scores", default=None, type=click.Path(exists=True, dir_okay=False), help="Precomputed ID scores (.npz from `ood score`, .npy or text).")
@@ -228,16 +223,9 @@ def eval_cmd(checkpoint, model_name, train_data, train_num_samples, id_data, ood
         else:
             raise ValueError("checkpoint: give --checkpoint (with --id-data, --ood-data) or --id-scores and --ood-scores")
     except (ValueError, FileNotFoundError) as exc:
-        raise _usage_or_data_error(exc) from None
+        raise usage_or_data_error(exc) from None
     if as_json:
         click.echo(json.dumps(out["metrics"], indent=1))
     else:
         click.echo(S.format_table(out["metrics"]))
         click.echo(f"results: {out['results']}" + (f"  plot: {out['plot']}" if out.get("plot") else ""))
-
-
-def _usage_or_data_error(exc: Exception) -> click.ClickException:
-    """Bad data is no usage error: one line without the usage text (exit 1); other ValueErrors are (exit 2)."""
-    from pyprotoclip.data.pipeline import BadDataError
-
-    return click.ClickException(str(exc)) if isinstance(exc, BadDataError) else click.UsageError(str(exc))

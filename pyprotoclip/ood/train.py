@@ -32,6 +32,7 @@ from pyprotoclip.progress import ProgressClock, eta_seconds, format_duration
 from pyprotoclip.train import policy
 from pyprotoclip.train.faults import (BufferSnapshot, NonFiniteGuard, TrainingError, checkpoint_write_error,
                                       gradient_norm, nonfinite_flags, read_flags)
+from pyprotoclip.train.params import bad_fraction_limit
 from pyprotoclip.train.reporting import Meter, Results, TermMeter, format_terms, log, setup_logging
 
 FORMAT = "pyprotoclip-ood-v1"
@@ -244,7 +245,7 @@ class _Run:
         cfg = self.data.DataConfig(shards=p["train_data"], batch_size=p["batch_size"], workers=p["workers"],
                                    num_samples=p["train_num_samples"], resampled=p["dataset_resampled"], seed=p["seed"],
                                    shuffle_buffer=p["shuffle_buffer"], drop_last=True, flag="train-data",
-                                   max_bad_fraction=p["max_bad_fraction"] if p["max_bad_fraction"] < 1 else None)
+                                   max_bad_fraction=bad_fraction_limit(p["max_bad_fraction"]))
         return self.data.build_loader(cfg, preprocess=self.preprocess, tokenize=no_text, is_train=True, epoch=epoch,
                                       rank=self.rank, world_size=self.world, start_batch=start_batch)
 

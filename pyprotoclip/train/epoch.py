@@ -13,6 +13,7 @@ import torch
 from pyprotoclip.losses import EpochContext, StepContext
 from pyprotoclip.train import policy
 from pyprotoclip.progress import ProgressClock, eta_seconds, format_duration
+from pyprotoclip.train.params import bad_fraction_limit
 from pyprotoclip.train.reporting import Meter, TermMeter, format_terms, log
 from pyprotoclip.train.setup import TrainRun
 from pyprotoclip.train.state import save
@@ -145,8 +146,8 @@ def _bad_data_monitor(run: TrainRun, loader: Any):
     group), or None when the flag is 1 or the loader keeps no such counts."""
     from pyprotoclip.data.pipeline import BAD_CHECK_MIN_SAMPLES, BadDataMonitor
 
-    limit = run.p.get("max_bad_fraction", 0.1)
-    if limit is None or limit >= 1 or not hasattr(loader, "stats") or "samples_seen" not in loader.stats():
+    limit = bad_fraction_limit(run.p.get("max_bad_fraction", 0.1))
+    if limit is None or not hasattr(loader, "stats") or "samples_seen" not in loader.stats():
         return None
     from pyprotoclip import distributed as pdist
 

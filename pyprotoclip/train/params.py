@@ -129,6 +129,13 @@ FLAG_BY_KEY = {f.key: f for f in FLAGS}
 FLAG_BY_NAME = {name.replace("-", "_"): f for f in FLAGS for name in (f.name, *f.aliases)}
 
 
+def bad_fraction_limit(fraction: float | None) -> float | None:
+    """--max-bad-fraction as the data loader and the bad-data monitor take it: None (never stop) for None or >= 1.
+
+    The one place of the rule; ``train`` and ``ood train`` both use it."""
+    return None if fraction is None or fraction >= 1 else float(fraction)
+
+
 def defaults() -> dict[str, Any]:
     return {f.key: f.default for f in FLAGS}
 

@@ -98,7 +98,7 @@ class TrainRun:
             cfg = DataConfig(
                 shards=p["train_data"], batch_size=p["batch_size"], workers=p["workers"],
                 num_samples=p["train_num_samples"], resampled=p["dataset_resampled"], seed=p["seed"], drop_last=True,
-                max_bad_fraction=_bad_fraction_limit(p), flag="train-data",
+                max_bad_fraction=P.bad_fraction_limit(p.get("max_bad_fraction", 0.1)), flag="train-data",
             )
             return self.data.build_loader(
                 cfg, preprocess=preprocess, tokenize=tokenize, is_train=True, epoch=epoch, rank=self.rank,
@@ -109,12 +109,6 @@ class TrainRun:
             epoch=epoch, start_batch=start_batch, rank=self.rank, world_size=self.world, preprocess=preprocess,
             tokenize=tokenize, default=stream,
         ))
-
-
-def _bad_fraction_limit(p: dict[str, Any]) -> float | None:
-    """--max-bad-fraction as the data loader takes it (None: never stop)."""
-    f = p.get("max_bad_fraction", 0.1)
-    return None if f is None or f >= 1 else f
 
 
 def _default_name(p: dict[str, Any]) -> str:

@@ -109,3 +109,11 @@ def test_load_checkpoint_rejects_files_that_are_not_checkpoints(tmp_path):
         with pytest.raises(ValueError, match="is not a torch checkpoint readable with weights_only=True") as info:
             load_checkpoint(str(path))
         assert why in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_max_bad_fraction_of_one_or_more_means_no_limit():
+    # the one rule train's loader, its bad-data monitor and ood train's loader share
+    from pyprotoclip.train.params import bad_fraction_limit
+
+    assert bad_fraction_limit(1) is None and bad_fraction_limit(1.0) is None and bad_fraction_limit(None) is None
+    assert bad_fraction_limit(0.1) == 0.1 and bad_fraction_limit(0) == 0.0
