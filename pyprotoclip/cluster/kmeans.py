@@ -189,6 +189,14 @@ class KMeans:
 
     # ---- helpers ----------------------------------------------------------------------------
 
+    def _check_compiled_dtype(self, x: torch.Tensor) -> None:
+        # the op would say the same, but only once the iterations start; fit's and predict's argument is x
+        if self.backend == "compiled" and x.dtype == torch.float64:
+            raise ValueError(
+                "x: KMeans(backend='compiled') has no float64 kernel (the kernels compute in float32), got dtype "
+                "torch.float64; use backend='reference' or 'auto' for an exact float64 result, or pass float32"
+            )
+
     def _op_backend(self) -> str:
         return "auto" if self.backend in ("auto", "faiss") else self.backend
 
@@ -238,8 +246,10 @@ class KMeans:
 
     def fit(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> "KMeans":
         """Cluster x (n_local, d) float32/bfloat16/float16 (this rank's shard), with optional
-        non-negative (n_local,) weights. Returns self."""
+        non-negative (n_local,) weights. Returns self. float64 x runs the exact reference with
+        backend "auto"/"reference"; with "compiled" it is a ValueError naming x, raised before any work."""
         x = checks.float_matrix("x", x)
+        self._check_compiled_dtype(x)
         checks.finite("x", x)
         if weights is not None:
             weights = checks.weights_vector("weights", weights, x.shape[0], x)
@@ -360,6 +370,7 @@ class KMeans:
         if not hasattr(self, "centroids_"):
             raise RuntimeError("KMeans.predict: call fit first")
         x = checks.float_matrix("x", x)
+        self._check_compiled_dtype(x)
         if x.shape[1] != self.centroids_.shape[1]:
             raise ValueError(f"x: expected feature size {self.centroids_.shape[1]} (as the centroids), got {tuple(x.shape)}")
         return kmeans_update(x, self.centroids_.to(x.device), metric=self.metric, backend=self._op_backend())[0]

@@ -28,6 +28,24 @@ def _mixture(n=4000, k=20, d=16, seed=0):
     return centers[torch.randint(0, k, (n,), generator=g)] + torch.randn(n, d, generator=g)
 
 
+def test_compiled_backend_on_float64_is_an_error_naming_fits_argument(monkeypatch):
+    import inspect
+
+    assert list(inspect.signature(KMeans.fit).parameters)[1] == "x"
+    x = _mixture(n=200, k=4, d=4).double()
+    calls = []
+    with monkeypatch.context() as m, pytest.raises(
+            ValueError, match=r"^x: KMeans\(backend='compiled'\) has no float64 kernel.*got dtype torch\.float64"):
+        m.setattr(KMeans, "_init_centroids", lambda *a, **k: calls.append(1))
+        KMeans(4, backend="compiled").fit(x)
+    assert not calls  # raised before any work
+    km = KMeans(4, backend="reference", n_iter=2).fit(x.float())
+    km.backend = "compiled"
+    with pytest.raises(ValueError, match=r"^x: KMeans\(backend='compiled'\)"):
+        km.predict(x)
+    assert KMeans(4, backend="auto", n_iter=2).fit(x).centroids_.shape == (4, 4)  # auto: the exact reference
+
+
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("backend", ["auto", "reference", "faiss"])
 def test_recovers_blobs_exactly(metric, backend):
