@@ -390,15 +390,27 @@ _HEADERS_CHECKED: dict[tuple[str, ...], dict[str, str]] = {}
 _DAMAGED_WARNED: set[tuple[str, ...]] = set()
 
 
+HEADER_CHECK_LIMIT = 1024  # shards read before a run; a longer list is sampled (the stream counts the rest)
+
+
+def shards_to_check(shards: list[str], limit: int | None = None) -> list[str]:
+    """The local shards whose first bytes are read before a run: all of them up to ``limit`` (default
+    HEADER_CHECK_LIMIT), else ``limit`` evenly spaced ones (the first and the last included), so that every
+    rank of a large run does not open every shard of the list at start-up."""
+    limit = HEADER_CHECK_LIMIT if limit is None else limit
+    local = [s for s in shards if not _is_url(s)]
+    if len(local) <= limit:
+        return local
+    return [local[round(i * (len(local) - 1) / (limit - 1))] for i in range(limit)]
+
+
 def check_shard_headers(shards: list[str]) -> dict[str, str]:
-    """{shard: what is wrong} for the local shards that cannot be opened or do not start with a tar header (URLs are
-    not opened). Reads 512 bytes per shard; the answer for a shard list is kept for the process."""
+    """{shard: what is wrong} for the shards of :func:`shards_to_check` that cannot be opened or do not start with
+    a tar header (URLs are not opened). Reads 512 bytes per shard; the answer for a shard list is kept for the process."""
     key = tuple(shards)
     if key not in _HEADERS_CHECKED:
         bad: dict[str, str] = {}
-        for s in shards:
-            if _is_url(s):
-                continue
+        for s in shards_to_check(shards):
             try:
                 with open(s, "rb") as f:
                     head = f.read(512)
@@ -866,19 +878,22 @@ def _check_shards_before_reading(shards: list[str], sizes: list[int] | None, cfg
     if not damaged:
         return
     items = [(s, damaged[s]) for s in shards if s in damaged]
-    n, total = len(items), len(shards)
-    if n == total:
-        raise BadDataError(f"{cfg.flag}: every shard is damaged ({n} of {total}): {name_shards(items)}")
-    if sizes is not None and sum(sizes):
+    n, total, checked = len(items), len(shards), len(shards_to_check(shards))
+    sampled = f", {checked} of {total} checked" if checked < total else ""
+    if n == total or (n == checked and checked < total):
+        raise BadDataError(f"{cfg.flag}: every shard{' checked' if sampled else ''} is damaged "
+                           f"({n} of {total if not sampled else checked}{sampled}): {name_shards(items)}")
+    if sizes is not None and sum(sizes) and not sampled:
         share = sum(z for s, z in zip(shards, sizes) if s in damaged) / sum(sizes)
     else:
-        share = n / total
+        share = n / checked
+    of = f"{n} of {checked} shard(s) checked" if sampled else f"{n} of {total} shard(s)"
     if cfg.max_bad_fraction is not None and share > cfg.max_bad_fraction:
-        raise BadDataError(f"{cfg.flag}: {n} of {total} shard(s) are damaged ({share:.1%} of the samples), more than "
-                           f"--max-bad-fraction {cfg.max_bad_fraction:g} allows: {name_shards(items)}")
+        raise BadDataError(f"{cfg.flag}: {of} are damaged ({share:.1%} of the {'shards checked' if sampled else 'samples'}), "
+                           f"more than --max-bad-fraction {cfg.max_bad_fraction:g} allows: {name_shards(items)}")
     if tuple(shards) not in _DAMAGED_WARNED:  # once per process for a shard list, not every epoch
         _DAMAGED_WARNED.add(tuple(shards))
-        logger.warning("%s: %d of %d shard(s) are damaged and are skipped: %s", cfg.flag, n, total, name_shards(items))
+        logger.warning("%s: %s are damaged and are skipped: %s", cfg.flag, of, name_shards(items))
 
 
 def build_loader(cfg: DataConfig, *, preprocess: Callable[[Image.Image], torch.Tensor], tokenize: Callable[[list[str]], torch.Tensor],

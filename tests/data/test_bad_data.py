@@ -147,6 +147,25 @@ def test_shard_header_check_says_what_is_wrong(tmp_path):
                                                                      "an empty tar"]
 
 
+def test_a_long_shard_list_reads_an_evenly_spaced_sample_before_a_run(tmp_path, monkeypatch):
+    from pyprotoclip.data import pipeline
+
+    shards = [str(tmp_path / f"{i:05d}.tar") for i in range(10)]
+    assert pipeline.shards_to_check(shards, limit=4) == [shards[0], shards[3], shards[6], shards[9]]
+    assert pipeline.shards_to_check(shards, limit=10) == shards
+    for s in shards:
+        open(s, "wb").write(b"\x07" * 3000)
+    opened = []
+    real_open = open
+    monkeypatch.setattr(pipeline, "HEADER_CHECK_LIMIT", 4)
+    monkeypatch.setattr(pipeline, "open", lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k), raising=False)
+    with pytest.raises(BadDataError) as info:
+        pipeline._check_shards_before_reading(shards, None, DataConfig(shards, batch_size=2, flag="train-data"))
+    assert sorted(opened) == [shards[0], shards[3], shards[6], shards[9]]  # 4 of the 10 read, not all of them
+    msg = str(info.value)
+    assert msg.startswith("train-data: every shard checked is damaged (4 of 4, 4 of 10 checked): ") and "\n" not in msg, msg
+
+
 def test_some_damaged_shards_are_skipped_with_one_warning_naming_them(tmp_path, caplog):
     spec = write_good_shards(str(tmp_path), 4, 5)
     damaged = expand_shards(spec)[1]
