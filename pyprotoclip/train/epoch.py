@@ -141,6 +141,9 @@ def _json_numbers(values: dict[str, float]) -> dict[str, float | None]:
     return {k: v if math.isfinite(v) else None for k, v in values.items()}
 
 
+BAD_DATA_CHECK_EVERY = 10  # steps between --max-bad-fraction checks (each is an all-reduce under torchrun)
+
+
 def _bad_data_monitor(run: TrainRun, loader: Any):
     """A BadDataMonitor for --max-bad-fraction over the loader's counts summed over ranks (the preemption's gloo
     group), or None when the flag is 1 or the loader keeps no such counts."""
@@ -215,9 +218,9 @@ def train_one_epoch(run: TrainRun, epoch: int, speed: Speed) -> bool:
         if local > first:  # an epoch's first step pays for worker start-up
             speed.step.update(t_batch)
             speed.data.update(t_data)
-        if monitor is not None:  # --max-bad-fraction over every worker of every rank (collective: every step)
-            monitor.check(loader.stats())
         last_in_epoch = local + 1 == spe
+        if monitor is not None and (run.step % BAD_DATA_CHECK_EVERY == 0 or last_in_epoch):
+            monitor.check(loader.stats())  # over every worker of every rank: collective, the same steps everywhere
         if run.step % p["log_every_n_steps"] == 0 or last_in_epoch:
             out.write(local, lr)
         elif out.bar is None and run.is_main and speed.progress.due():  # no terminal: a line every ~30 s
