@@ -322,7 +322,7 @@ class _Run:
         x = images.transpose(0, 1).reshape(v * b, *images.shape[2:]).to(self.device, non_blocking=True)  # view-major
         y = labels.repeat(v).to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        buffers = BufferSnapshot(self.net)
+        buffers = BufferSnapshot.of(self.net)
         prototypes = self.loss_fn.prototypes if self.loss_fn is not None else None  # the loss replaces, never edits, it
         with skip_value_checks():
             with self.autocast():

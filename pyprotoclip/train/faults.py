@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import weakref
 from typing import Sequence
 
 import torch
@@ -54,17 +55,50 @@ def gradient_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor | None:
 
 class BufferSnapshot:
     """Copies of a model's buffers taken before a step, put back when the step is skipped (a non-finite
-    forward must not leave NaN in BatchNorm running statistics). Only modules with running statistics."""
+    forward must not leave NaN in BatchNorm running statistics). Only modules with running statistics.
+
+    Per step use :meth:`of`: the buffer list and the storage for the copies are made once per model and
+    reused (a copy into them per step, no allocation); they are made afresh when a buffer was replaced
+    (``model.to(...)``, a reassigned buffer). ``BufferSnapshot(model)`` takes a one-off snapshot.
+    """
+
+    _by_model: "weakref.WeakKeyDictionary[torch.nn.Module, BufferSnapshot]" = weakref.WeakKeyDictionary()
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.buffers = [b for m in model.modules() if getattr(m, "track_running_stats", False)
-                        for b in m.buffers(recurse=False) if b is not None]
-        self.saved = [b.clone() for b in self.buffers]
+        # weak references to the modules: the snapshot kept for a model must not keep the model alive
+        self._where = [(weakref.ref(m), name) for m in model.modules() if getattr(m, "track_running_stats", False)
+                       for name, b in m._buffers.items() if b is not None]
+        self.buffers = [m()._buffers[name] for m, name in self._where]
+        self.saved = [torch.empty_like(b) for b in self.buffers]
+        self.take()
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "BufferSnapshot":
+        """The model's buffers as they are now, in storage kept for ``model`` from its previous call."""
+        snap = cls._by_model.get(model)
+        if snap is None or not snap._current():
+            snap = cls._by_model[model] = cls(model)
+        else:
+            snap.take()
+        return snap
+
+    def _current(self) -> bool:
+        """Whether every buffer collected is still the one its module holds (none replaced)."""
+        for (ref, name), buf in zip(self._where, self.buffers):
+            m = ref()
+            if m is None or m._buffers.get(name) is not buf:
+                return False
+        return True
+
+    @torch.no_grad()
+    def take(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
 
     @torch.no_grad()
     def restore(self) -> None:
-        for buf, saved in zip(self.buffers, self.saved):
-            buf.copy_(saved)
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, self.saved)
 
 
 def params_nonfinite(model: torch.nn.Module) -> bool:

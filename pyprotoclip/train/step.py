@@ -90,7 +90,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     images = [b["image"].to(device, non_blocking=True) for b in batches]
     texts = [b["text"].to(device, non_blocking=True) for b in batches]
-    buffers = BufferSnapshot(model)
+    buffers = BufferSnapshot.of(model)
     losses: list[torch.Tensor] = []  # every micro-batch's loss: their sum is finite iff each one is
 
     def backward(loss: torch.Tensor) -> None:
