@@ -102,10 +102,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temp_files(checkpoint_dir: str) -> list[str]:
+def remove_stale_temp_files(checkpoint_dir: str, logger: logging.Logger | None = None) -> list[str]:
     """Remove the temp files that writers killed mid-save left in ``checkpoint_dir`` (those of a process
-    that still runs on this machine stay); returns their paths. They never count as checkpoints
-    (:func:`find_latest` reads ``epoch_<N>.pt`` and ``epoch_latest.pt`` only) but hold a checkpoint's size."""
+    that still runs on this machine stay); returns their paths, each also logged to ``logger`` if given.
+    They never count as checkpoints (:func:`find_latest` reads ``epoch_<N>.pt`` and ``epoch_latest.pt``
+    only) but hold a checkpoint's size. Every trainer calls it on rank 0 when a run starts."""
     removed = []
     if not os.path.isdir(checkpoint_dir):
         return removed
@@ -118,6 +119,8 @@ def remove_stale_temp_files(checkpoint_dir: str) -> list[str]:
             except FileNotFoundError:
                 continue
             removed.append(path)
+            if logger is not None:
+                logger.info("removed %s, left by a checkpoint write that did not finish", path)
     return removed
 
 
@@ -192,6 +195,21 @@ def find_latest(checkpoint_dir: str) -> str | None:
         return step, int(os.path.basename(path) == LATEST)
 
     return max(candidates, key=step_of)
+
+
+def choose_resume(resume: str | None, checkpoint_dir: str, is_main: bool) -> str | None:
+    """The checkpoint a run continues from: for ``--resume latest`` the newest in ``checkpoint_dir``
+    (:func:`find_latest`, None when there is none), chosen by rank 0 and broadcast, so every rank resumes
+    from the same file even while rank 0 writes a newer one; for a path, that file (a ValueError when it
+    does not exist); None without ``--resume``. Every rank calls it (a collective under torch.distributed)."""
+    if resume == "latest":
+        found = find_latest(checkpoint_dir) if is_main and os.path.isdir(checkpoint_dir) else None
+        return pdist.broadcast_object(found)
+    if resume:
+        if not os.path.isfile(resume):
+            raise ValueError(f"resume: no such checkpoint {resume!r} (or use --resume latest)")
+        return resume
+    return None
 
 
 def get_rng_state() -> dict[str, Any]:

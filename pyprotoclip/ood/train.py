@@ -178,6 +178,7 @@ class _Run:
         self._run_dir()
         self.console = setup_logging(os.path.join(self.run_dir, "out.log") if self.is_main else None, self.is_main)
         if self.is_main:
+            ckpt.remove_stale_temp_files(self.ckpt_dir, log)
             with open(os.path.join(self.run_dir, "params.yaml"), "w") as f:
                 yaml.safe_dump({k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()}, f, sort_keys=True)
         self.num_classes = _num_classes(p, data)
@@ -224,13 +225,7 @@ class _Run:
             p["name"] = pdist.broadcast_object(f"{date}-ood-{p['loss']}-{p['backbone']}-lr_{p['lr']}-b_{p['batch_size']}")
         self.run_dir = os.path.join(p["logs"], p["name"])
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
-        self.resume_path = None
-        if p["resume"] == "latest":
-            self.resume_path = ckpt.find_latest(self.ckpt_dir) if os.path.isdir(self.ckpt_dir) else None
-        elif p["resume"]:
-            if not os.path.isfile(p["resume"]):
-                raise ValueError(f"resume: no such checkpoint {p['resume']!r} (or use --resume latest)")
-            self.resume_path = p["resume"]
+        self.resume_path = ckpt.choose_resume(p["resume"], self.ckpt_dir, self.is_main)
         if self.is_main:
             if os.path.exists(os.path.join(self.run_dir, "out.log")) and not p["resume"]:
                 raise ValueError(f"name: the run directory {self.run_dir!r} already exists; pass --resume latest or a new --name")
@@ -274,7 +269,8 @@ class _Run:
             "method_state": self.loss_fn.state_dict() if self.loss_fn is not None else {},
             "scheduler": {"kind": "palm-warmup-cosine", "step": self.step, "warmup_epochs": p["warmup_epochs"]},
             "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()},
-            "skipped_steps": self.nonfinite.total,
+            **self.nonfinite.state_dict(),
+            "results_bytes": self.results.size(),  # a resumed run removes the rows written after this checkpoint
         }
         for name in names:
             path = os.path.join(self.ckpt_dir, name)
@@ -289,6 +285,7 @@ class _Run:
         if not path:
             if self.p["resume"] == "latest":
                 log.info("--resume latest: no checkpoint in %s, starting from scratch", self.ckpt_dir)
+                self.results.rewind_for_resume(None, None, self.ckpt_dir)  # an earlier start's rows go
             return
         state = ckpt.load_checkpoint(path)
         if state.get("format") != FORMAT:
@@ -301,8 +298,9 @@ class _Run:
         self.step = ckpt.restore_training_state(state, self.net, self.optimizer, self.scaler, rank=self.rank, world=self.world)
         if self.loss_fn is not None:
             self.loss_fn.load_state_dict(state["method_state"])
-        self.nonfinite.total = int(state.get("skipped_steps", 0))
+        self.nonfinite.load_state_dict(state)
         log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.step // self.steps_per_epoch)
+        self.results.rewind_for_resume(state, path, self.ckpt_dir)
 
     # ---- one step ---------------------------------------------------------------------------------------
 

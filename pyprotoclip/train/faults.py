@@ -109,13 +109,25 @@ def params_nonfinite(model: torch.nn.Module) -> bool:
 class NonFiniteGuard:
     """Counts skipped (non-finite) steps and ends the run after ``max_in_row`` of them in a row (0: never).
 
-    ``total`` counts every skipped step of the run (kept in checkpoints); ``in_row`` the current streak.
+    ``total`` counts every skipped step of the run; ``in_row`` the current streak, from ``first_bad_step``.
+    All three are kept in checkpoints (:meth:`state_dict`), so a streak goes on counting after a resume.
     """
 
     def __init__(self, max_in_row: int, *, flag: str = "--max-nonfinite", is_main: bool = True, total: int = 0) -> None:
         self.max_in_row, self.flag, self.is_main = max_in_row, flag, is_main
         self.total, self.in_row = total, 0
         self.first_bad_step: int | None = None
+
+    def state_dict(self) -> dict[str, int | None]:
+        """The checkpoint entries: ``skipped_steps``, ``nonfinite_in_row``, ``nonfinite_first_bad_step``."""
+        return {"skipped_steps": self.total, "nonfinite_in_row": self.in_row, "nonfinite_first_bad_step": self.first_bad_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved (a checkpoint without the streak entries: no streak)."""
+        self.total = int(state.get("skipped_steps", 0))
+        self.in_row = int(state.get("nonfinite_in_row") or 0)
+        first = state.get("nonfinite_first_bad_step")
+        self.first_bad_step = int(first) if first is not None and self.in_row else None
 
     def record(self, skipped: str | None, step: int, model: torch.nn.Module, terms: dict[str, torch.Tensor]) -> None:
         """After optimizer step number ``step`` (1-based, as the log lines count): ``skipped`` is what

@@ -125,6 +125,8 @@ class Results:
             return 0
         with open(self.path, "rb") as f:
             data = f.read()
+        if size and data[size - 1 : size] != b"\n":  # never mid-line: from the start of the line it falls in
+            size = data.rfind(b"\n", 0, size) + 1
         keep, removed = [data[:size]], 0
         for line in data[size:].splitlines(keepends=True):
             try:
@@ -140,6 +142,26 @@ class Results:
             f.write(b"".join(keep))
         os.replace(tmp, self.path)
         return removed
+
+    def rewind_for_resume(self, state: dict[str, Any] | None, path: str | None, ckpt_dir: str) -> None:
+        """On resume from checkpoint ``state`` read from ``path`` (None: ``--resume latest`` found none, so the
+        rows of an earlier start go): remove the rows written after it (:meth:`rewind`), but only when the
+        checkpoint is one of this run directory's: ``results_bytes`` of another run's checkpoint (``--resume``
+        into another ``--name``) measured another file. Rank 0 does the work; every trainer calls this."""
+        if state is None:
+            removed = self.rewind(0, 0)
+            if removed:
+                log.info("results.jsonl: removed %d row(s) of an earlier start that left no checkpoint", removed)
+            return
+        if state.get("results_bytes") is None or path is None:
+            return
+        if os.path.dirname(os.path.realpath(path)) != os.path.realpath(ckpt_dir):
+            log.info("results.jsonl: %s is another run directory's checkpoint; this run's rows are kept and "
+                     "continue after them", path)
+            return
+        removed = self.rewind(int(state["results_bytes"]), int(state["step"]))
+        if removed:
+            log.info("results.jsonl: removed %d row(s) written after that checkpoint; this run writes them again", removed)
 
     def close(self) -> None:
         if self.tb is not None:

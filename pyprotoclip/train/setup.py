@@ -135,14 +135,7 @@ def _prepare_run_dir(p: dict[str, Any], is_main: bool) -> tuple[str, str, str | 
         p["name"] = pdist.broadcast_object(_default_name(p))
     run_dir = os.path.join(p["logs"], p["name"])
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    resume_path = None
-    if p["resume"] == "latest":  # rank 0 chooses, so every rank resumes from the same file
-        found = ckpt.find_latest(ckpt_dir) if is_main and os.path.isdir(ckpt_dir) else None
-        resume_path = pdist.broadcast_object(found)
-    elif p["resume"]:
-        if not os.path.isfile(p["resume"]):
-            raise ValueError(f"resume: no such checkpoint {p['resume']!r} (or use --resume latest)")
-        resume_path = p["resume"]
+    resume_path = ckpt.choose_resume(p["resume"], ckpt_dir, is_main)
     if is_main:
         if os.path.exists(os.path.join(run_dir, "out.log")) and not p["resume"]:
             if _holds_a_run(run_dir):
@@ -196,8 +189,7 @@ def build_run(p: dict[str, Any], *, data: Any = None) -> TrainRun:
     run_dir, ckpt_dir, resume_path = _prepare_run_dir(p, rank == 0)
     console = setup_logging(os.path.join(run_dir, "out.log") if rank == 0 else None, rank == 0)
     if rank == 0:
-        for stale in ckpt.remove_stale_temp_files(ckpt_dir):
-            log.info("removed %s, left by a checkpoint write that did not finish", stale)
+        ckpt.remove_stale_temp_files(ckpt_dir, log)
     if p["resume"] == "latest" and resume_path is None:
         log.info("--resume latest: no checkpoint in %s, starting from scratch", ckpt_dir)
     if p["precision"] == "amp" and device.type == "cpu":
@@ -233,9 +225,7 @@ def build_run(p: dict[str, Any], *, data: Any = None) -> TrainRun:
         preemption=Preemption(dist.new_group(backend="gloo") if pdist.is_distributed() else None),
     )
     if p["resume"] == "latest" and resume_path is None:  # an earlier start that left no checkpoint: its rows go
-        removed = run.results.rewind(0, 0)
-        if removed:
-            log.info("results.jsonl: removed %d row(s) of an earlier start that left no checkpoint", removed)
+        run.results.rewind_for_resume(None, None, ckpt_dir)
     run.first_loader = run.make_loader(0)
     run.steps_per_epoch = run.first_loader.num_batches // p["accum_freq"]
     if run.steps_per_epoch < 1:

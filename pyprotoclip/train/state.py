@@ -39,7 +39,7 @@ def _write(run: TrainRun, names: list[str], epochs_done: int, common: dict[str, 
         "method_state": method_state,
         "scheduler": {"kind": run.p["lr_scheduler"], "step": run.step, "total_steps": run.total_steps},
         "params": dict(run.p),
-        "skipped_steps": run.nonfinite.total if run.nonfinite is not None else 0,
+        **(run.nonfinite.state_dict() if run.nonfinite is not None else {"skipped_steps": 0}),
         "results_bytes": run.results.size(),  # a resumed run removes the rows written after this checkpoint
     }
     for name in names:
@@ -68,9 +68,6 @@ def resume(run: TrainRun) -> None:
     run.step = ckpt.restore_training_state(state, run.net, run.optimizer, run.scaler, rank=run.rank, world=run.world)
     run.method.load_state_dict(state.get("method_state") or {})
     if run.nonfinite is not None:
-        run.nonfinite.total = int(state.get("skipped_steps", 0))
+        run.nonfinite.load_state_dict(state)
     log.info("resumed from %s at step %d (epoch %d)", path, run.step, run.step // run.steps_per_epoch)
-    if state.get("results_bytes") is not None:
-        removed = run.results.rewind(int(state["results_bytes"]), run.step)
-        if removed:
-            log.info("results.jsonl: removed %d row(s) written after that checkpoint; this run writes them again", removed)
+    run.results.rewind_for_resume(state, path, run.ckpt_dir)

@@ -253,3 +253,10 @@ def test_the_stop_message_says_when_the_weights_themselves_are_non_finite():
     with pytest.raises(TrainingError, match=r"steps 5-6, --max-nonfinite 2\) and the weights themselves are non-finite"):
         guard.record("gradients", 6, model, {"loss": torch.tensor(1.0)})
     assert guard.total == 2
+
+
+def test_the_count_in_a_row_survives_a_resume(fake_train, poison):
+    poison({1, 2, 3})  # steps 2-4 (the calls count over both runs)
+    fake_train(name="streak", max_nonfinite=3, epochs=1, train_num_samples=48, stop_after_steps=3)  # 2 in a row
+    with pytest.raises(TrainingError, match=r"3 steps in a row .*\(steps 2-4, --max-nonfinite 3\)"):
+        fake_train(name="streak", max_nonfinite=3, epochs=1, train_num_samples=48, resume="latest")
