@@ -59,7 +59,7 @@ def eval_cmd(checkpoint, data, model_name, classnames, templates, batch_size, wo
             checkpoint, data, model_name=model_name, classnames_file=classnames, templates_file=templates,
             batch_size=batch_size, workers=workers, num_samples=num_samples, probe_test_fraction=probe_test_fraction,
             probe_c=probe_c, train_data=train_data, train_num_samples=train_num_samples, seed=seed, out_dir=out_dir, plot=not no_plot, device=device,
-            progress=lambda line: click.echo(line, err=True),
+            progress=lambda line: click.echo(line, err=True), warn=lambda line: click.echo(f"warning: {line}", err=True),
         )
     except (ValueError, FileNotFoundError) as exc:
         raise usage_or_data_error(exc) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any, Callable
@@ -14,6 +15,24 @@ from pyprotoclip.progress import ProgressClock, format_duration
 
 # training samples whose image features the linear probe is fitted on, by default (0: all)
 DEFAULT_PROBE_TRAIN_SAMPLES = 10_000
+
+log = logging.getLogger("pyprotoclip.eval")
+
+
+def probe_coverage_warning(results: dict[str, Any], train_num_samples: int | None) -> str | None:
+    """The one-line warning when evaluation classes have no sample among the probe's training samples, else None."""
+    missing = results.get("linear_probe_missing_classes", 0)
+    if not missing:
+        return None
+    fitted = results["linear_probe_num_train"]
+    how = (f"the first {fitted} samples of --train-data (shard order)" if train_num_samples
+           else f"the {fitted} samples of --train-data")
+    fix = ("pass --train-num-samples 0 (all of --train-data) or write the training shards shuffled "
+           "(data from-folder without --keep-order)" if train_num_samples
+           else "give training shards with samples of every class")
+    return (f"linear probe: {missing} class(es) of the evaluation data have no sample among {how}, which hold "
+            f"{results['linear_probe_train_classes']} class(es), so their {results['linear_probe_num_test_missing']} "
+            f"evaluation sample(s) always count as wrong; {fix}")
 
 
 def _read_lines(path: str, what: str) -> list[str]:
@@ -90,6 +109,7 @@ def evaluate(
     device: str = "cpu",
     build_loader=None,
     progress: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run every metric the data allows; append a row to ``<out_dir>/results.jsonl`` and draw ``eval-<ckpt>.png``.
 
@@ -97,10 +117,13 @@ def evaluate(
     files or beside the shards), the linear probe class labels. What the data does not allow is
     skipped and named in "skipped". With ``train_data``, the linear probe is fitted on the image
     features of the first ``train_num_samples`` samples of those shards (None or 0: all of them) and
-    tested on ``data``; without it, on a split of ``data``.
+    tested on ``data``; without it, on a split of ``data``. When evaluation classes have no sample among
+    those training samples (class-sorted shards cut short), a one-line warning says how many, and the
+    results name ``linear_probe_train_classes`` and ``linear_probe_missing_classes``.
     out_dir defaults to the run directory when the checkpoint lies in ``<run>/checkpoints/``,
     else the checkpoint's directory. ``progress(line)``: a line about the feature extraction at least
-    every 30 s while it runs. Returns the metrics dict (with "plot" and "results" paths).
+    every 30 s while it runs; ``warn(line)``: a warning about the results (default: logged). Returns
+    the metrics dict (with "plot" and "results" paths).
     """
     import pyprotoclip.data as pdata
 
@@ -150,6 +173,9 @@ def evaluate(
     results.update(metrics)
     if train_data:
         results["linear_probe_train_data"] = train_data
+        warning = probe_coverage_warning(results, train_num_samples)
+        if warning:
+            (warn or log.warning)(warning)
     if skipped:
         results["skipped"] = skipped
     results["eval_seconds"] = time.time() - t0

@@ -108,8 +108,10 @@ def linear_probe_train_test(
     With ``C=None``, C is the value of ``Cs`` with the best accuracy on a stratified ``val_fraction``
     of the training rows after fitting on the rest (the smallest such C on ties); the probe is then
     refitted with it on every training row. Rows with label < 0 are left out on both sides.
-    Returns {"top1" (evaluation-split accuracy), "train_top1", "num_train", "num_test", "num_classes",
-    "C", "protocol", "c_sweep" ({C: held-out accuracy}, with C=None only)}.
+    Returns {"top1" (evaluation-split accuracy), "train_top1", "num_train", "num_test", "num_classes"
+    (classes among the training labels), "missing_classes" (evaluation classes with no training sample:
+    their samples are always wrong), "num_test_missing" (the evaluation samples of those classes), "C",
+    "protocol", "c_sweep" ({C: held-out accuracy}, with C=None only)}.
     """
     x_tr, y_tr = _numpy(train_features, train_labels, "train-data")
     x_te, y_te = _numpy(test_features, test_labels, "labels")
@@ -119,7 +121,8 @@ def linear_probe_train_test(
         raise ValueError("labels: no sample of the evaluation data has a class label")
     if x_tr.shape[1] != x_te.shape[1]:
         raise ValueError(f"train-data: features of width {x_tr.shape[1]} vs {x_te.shape[1]} on the evaluation data")
-    out: dict = {}
+    missing = np.setdiff1d(np.unique(y_te), np.unique(y_tr))
+    out: dict = {"missing_classes": int(len(missing)), "num_test_missing": int(np.isin(y_te, missing).sum())}
     if C is None:
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction: expected a value in (0, 1), got {val_fraction}")

@@ -119,6 +119,10 @@ def evaluate_model(
             metrics.update(linear_probe_top1=probe["top1"], linear_probe_train_top1=probe["train_top1"],
                            linear_probe_num_train=probe["num_train"], linear_probe_num_test=probe["num_test"],
                            linear_probe_c=probe["C"], linear_probe_protocol=probe["protocol"])
+            if probe_train is not None:
+                metrics.update(linear_probe_train_classes=probe["num_classes"],
+                               linear_probe_missing_classes=probe["missing_classes"],
+                               linear_probe_num_test_missing=probe["num_test_missing"])
             if "c_sweep" in probe:
                 metrics["linear_probe_c_sweep"] = {f"{c:g}": acc for c, acc in probe["c_sweep"].items()}
     return metrics, details

@@ -156,6 +156,45 @@ def test_eval_names_the_probe_protocol_and_the_distinct_captions(tmp_path, fake_
     assert got["linear_probe_protocol"] == "train->eval, C=0.5 (--probe-c)" and got["linear_probe_num_train"] == 64
 
 
+def test_eval_warns_when_the_probe_training_samples_miss_evaluation_classes(tmp_path, fake_pdata, monkeypatch):
+    import pyprotoclip.data as pdata
+
+    def class_sorted(cfg, **kw):  # --train-data as class-sorted shards: batch b holds class b only
+        loader = fake_data.build_loader(cfg, **kw)
+        if cfg.flag != "train-data":
+            return loader
+
+        class Sorted:
+            num_samples = loader.num_samples
+
+            def __iter__(self):
+                for b, batch in enumerate(loader):
+                    yield {**batch, "label": torch.full_like(batch["label"], b % 4)}
+
+        return Sorted()
+
+    monkeypatch.setattr(pdata, "build_loader", class_sorted)
+    path, _ = _checkpoint(tmp_path)
+    args = ["eval", "--checkpoint", str(path), "--data", "fake", "--workers", "0", "--batch-size", "16", "--no-plot",
+            "--train-data", "faketrain", "--probe-c", "1"]
+    r = CliRunner().invoke(main, args + ["--train-num-samples", "32"])  # the first two batches: classes 0 and 1
+    assert r.exit_code == 0, r.output
+    warning = [ln for ln in r.stderr.splitlines() if "have no sample among" in ln]
+    assert warning == ["warning: linear probe: 2 class(es) of the evaluation data have no sample among the first 32 samples of "
+                       "--train-data (shard order), which hold 2 class(es), so their 32 evaluation sample(s) always count "
+                       "as wrong; pass --train-num-samples 0 (all of --train-data) or write the training shards shuffled "
+                       "(data from-folder without --keep-order)"]
+    ev = json.loads(open(tmp_path / "run" / "results.jsonl").read().splitlines()[-1])
+    assert ev["linear_probe_train_classes"] == 2 and ev["linear_probe_missing_classes"] == 2
+    assert ev["linear_probe_top1"] <= 0.5  # the missing classes' half of the evaluation data is always wrong
+    # every class among the training samples: no warning, the count still recorded
+    r = CliRunner().invoke(main, args + ["--train-num-samples", "0"])
+    assert r.exit_code == 0, r.output
+    assert "have no sample among" not in r.stderr
+    ev = json.loads(open(tmp_path / "run" / "results.jsonl").read().splitlines()[-1])
+    assert ev["linear_probe_train_classes"] == 4 and ev["linear_probe_missing_classes"] == 0
+
+
 def test_eval_help_names_the_probe_flags():
     from pyprotoclip.eval import cli as eval_cli
     from pyprotoclip.eval import evaluate as ev

@@ -195,6 +195,21 @@ def test_clustering_scores_find_separated_classes_and_the_gap_is_a_distance():
     assert modality_gap(torch.tensor([[2.0, 0.0]] * 3), torch.tensor([[0.0, 3.0]] * 3)) == pytest.approx(2 ** 0.5)
 
 
+def test_linear_probe_train_test_counts_evaluation_classes_missing_from_the_fit():
+    from pyprotoclip.eval.linear_probe import linear_probe_train_test
+
+    rng = np.random.default_rng(2)
+    centers = rng.normal(size=(4, 5)) * 3
+    y_tr, y_te = np.repeat([0, 1], 20), np.repeat(np.arange(4), 5)  # classes 2 and 3 never in the fit
+    x_tr = (centers[y_tr] + rng.normal(size=(40, 5))).astype(np.float32)
+    x_te = (centers[y_te] + rng.normal(size=(20, 5))).astype(np.float32)
+    got = linear_probe_train_test(x_tr, y_tr, x_te, y_te, C=1.0)
+    assert got["num_classes"] == 2 and got["missing_classes"] == 2 and got["num_test_missing"] == 10
+    assert got["top1"] <= 0.5
+    full = linear_probe_train_test(x_te, y_te, x_te, y_te, C=1.0)
+    assert full["missing_classes"] == 0 and full["num_test_missing"] == 0
+
+
 def test_linear_probe_train_test_chooses_c_on_held_out_training_rows():
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
