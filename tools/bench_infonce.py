@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 
 import torch
@@ -27,7 +28,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def loss_fn(provider: str):
     """A function (image, text, scale) -> scalar loss for one provider."""
-    if provider in ("compiled", "reference"):
+    if provider in ("auto", "compiled", "reference"):
         from pyprotoclip.ops import infonce_loss
 
         return lambda i, t, s: infonce_loss(i, t, s, backend=provider)
@@ -93,6 +94,39 @@ def measure(provider: str, batch: int, dim: int, dtype_name: str, device: str, r
     row["forward_backward"] = benchlib.time_ms(forward_backward, device=device, repeats=repeats)
     row["backward"] = {k: max(0.0, row["forward_backward"][k] - row["forward"][k]) for k in ("median_ms", "p20_ms", "p80_ms")}
     row["backward"]["note"] = "forward_backward - forward"
+    if provider == "compiled" and dtype_name == "fp32":
+        # single-process fwd+bwd cannot avoid 4 (B, d) x (d, B)-sized products at O(B d) memory: the
+        # logits, the logits again in the backward, dI = G T and dT = G^T I
+        shapes = [(batch, dim, batch), (batch, dim, batch), (batch, batch, dim), (batch, batch, dim)]
+        row["gemm_bound"] = benchlib.gemm_bound(forward_backward, shapes, device=device, repeats=repeats)
+    return row
+
+
+def measure_small(batch: int, dim: int, device: str, repeats: int, inner: int) -> dict:
+    """Small-batch row: the public op (``backend="auto"`` and each backend) and open_clip's ClipLoss, fwd+bwd,
+    interleaved in one process (A B C A B C ...), each sample the mean of ``inner`` back-to-back calls."""
+    image, text, log_scale = setup(batch, dim, torch.float32, device)
+    fns = {}
+    for provider in ("auto", "compiled", "reference", "open_clip"):
+        if provider in ("compiled", "open_clip") and not available(provider, device):
+            continue
+        fn = loss_fn(provider)
+
+        def run(fn=fn):
+            for _ in range(inner):
+                fn(image, text, log_scale.exp()).backward()
+
+        fns[provider] = run
+    timed = benchlib.interleaved_ms(fns, device=device, repeats=repeats, warmup=3)
+    samples = timed.pop("_samples")
+    row = {"kind": "small", "B": batch, "d": dim, "dtype": "fp32", "inner": inner, "repeats": repeats}
+    for provider, t in timed.items():
+        row[provider] = {k: (v / inner if k.endswith("_ms") else v) for k, v in t.items()}
+    if "open_clip" in samples:
+        for provider in fns:
+            if provider != "open_clip":
+                ratios = [a / b for a, b in zip(samples[provider], samples["open_clip"])]
+                row[f"{provider}_over_open_clip"] = statistics.median(ratios)
     return row
 
 
@@ -105,8 +139,19 @@ def plot(results_path: str) -> str:
 
     with open(results_path) as f:
         data = json.load(f)
-    rows = [r for r in data["rows"] if "error" not in r]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    rows = [r for r in data["rows"] if "error" not in r and r.get("kind") != "small"]
+    small = sorted((r for r in data["rows"] if r.get("kind") == "small"), key=lambda r: r["B"])
+    fig, axes = plt.subplots(1, 3 if small else 2, figsize=(16 if small else 11, 4))
+    if small:
+        for key in [k for k in small[0] if k.endswith("_over_open_clip")]:
+            axes[2].plot([r["B"] for r in small], [r[key] for r in small], marker="o", label=key.replace("_over_open_clip", ""))
+        axes[2].axhline(1.0, color="k", lw=0.5)
+        axes[2].set_xscale("log", base=2)
+        axes[2].set_xlabel("B (d = %d, fp32)" % small[0]["d"])
+        axes[2].set_ylabel("fwd+bwd time / open_clip ClipLoss (median of interleaved pairs)")
+        axes[2].set_title("small batches")
+        axes[2].grid(True, which="both", alpha=0.3)
+        axes[2].legend(fontsize=8)
     for key in sorted({(r["provider"], r["dtype"]) for r in rows}):
         sel = sorted((r for r in rows if (r["provider"], r["dtype"]) == key), key=lambda r: r["B"])
         label = f"{key[0]} ({key[1]})"
@@ -140,10 +185,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--providers", default="compiled,reference,open_clip,inf_cl")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="small sizes, 3 repeats: a smoke run")
+    parser.add_argument("--shared", default=None, help="a note for the JSON when the machine was shared with other jobs")
+    parser.add_argument("--tag", default=None, help="file-name tag (default: the machine's name)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--small-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64, 128, 256],
+                        help="batch sizes of the small-shape row (d=128, fp32, vs ClipLoss); empty to skip")
+    parser.add_argument("--small-repeats", type=int, default=None, help="interleaved samples per small size")
+    parser.add_argument("--worker-small", nargs=4, metavar=("B", "D", "REPEATS", "INNER"), help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=5, metavar=("PROVIDER", "B", "D", "DTYPE", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.worker_small:
+        batch, dim, repeats, inner = (int(v) for v in args.worker_small)
+        print(json.dumps(measure_small(batch, dim, args.device, repeats, inner)))
+        return
     if args.worker:
         provider, batch, dim, dtype_name, repeats = args.worker
         print(json.dumps(measure(provider, int(batch), int(dim), dtype_name, args.device, int(repeats))))
@@ -174,15 +229,24 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {provider:10s} B={batch:6d} {dtype_name}: fwd+bwd {fb['median_ms']:9.1f} ms "
                       f"[{fb['p20_ms']:.1f}, {fb['p80_ms']:.1f}]  peak {row['peak_bytes'] / 2**20:8.1f} MiB "
                       f"({row['bytes_per_logit']:.3f} B/logit)")
-    ok = [r for r in rows if "error" not in r]
-    summary = summarize(ok)
+    small_repeats = args.small_repeats or (30 if args.quick else 100)
+    for batch in (args.small_sizes if args.dim else []):
+        row = benchlib.run_isolated(__file__, ["--device", args.device, "--worker-small", str(batch), "128", str(small_repeats), "10"])
+        rows.append(row)
+        print(f"  small B={batch:4d} d=128 fp32 fwd+bwd: " + ", ".join(
+            f"{p} {row[p]['median_ms'] * 1e3:.0f} us" for p in ("auto", "compiled", "reference", "open_clip") if p in row)
+            + "; " + ", ".join(f"{k} x{v:.2f}" for k, v in row.items() if k.endswith("_over_open_clip")))
+    ok = [r for r in rows if "error" not in r and r.get("kind") != "small"]
+    summary = summarize(ok) + summarize_small([r for r in rows if r.get("kind") == "small"])
     for line in summary:
         print(line)
     # smoke runs go to an ignored folder: they are not results
     out_dir = os.path.join(args.out, "quick") if args.quick else args.out
-    path = os.path.join(out_dir, f"infonce-{benchlib.device_tag(args.device)}.json")
+    path = os.path.join(out_dir, f"infonce-{args.tag or benchlib.device_tag(args.device)}.json")
     env = benchlib.environment(args.device)
     env["summary"] = summary
+    if args.shared:
+        env["shared_machine"] = args.shared
     benchlib.write_results(path, rows, env)
     if ok:
         plot(path)
@@ -201,7 +265,16 @@ def summarize(rows: list[dict]) -> list[str]:
                 t = r["forward_backward"]["median_ms"] / p["forward_backward"]["median_ms"]
                 m = r["peak_bytes"] / max(p["peak_bytes"], 1)
                 lines.append(f"B={batch} {dtype_name}: compiled/{peer}: time x{t:.2f}, peak memory x{m:.3f}")
+        if "gemm_bound" in r:
+            gb = r["gemm_bound"]
+            lines.append(f"B={batch} {dtype_name}: compiled fwd+bwd x{gb['x_gemm_bound']:.2f} GEMM bound "
+                         f"({gb['op_ms']['median_ms']:.1f} ms vs 4 GEMMs {gb['gemm_ms']['median_ms']:.1f} ms)")
     return lines
+
+
+def summarize_small(rows: list[dict]) -> list[str]:
+    return [f"small B={r['B']} d={r['d']}: " + ", ".join(f"{k.replace('_over_', '/')} x{v:.2f}" for k, v in r.items()
+                                                        if k.endswith("_over_open_clip")) for r in rows]
 
 
 if __name__ == "__main__":

@@ -95,18 +95,28 @@ def measure_one(provider: str, n: int, d: int, k: int, iters: int, threads: int,
         import faiss
 
         faiss.omp_set_num_threads(threads)
-    fn, _ = setup(provider, n, d, k, iters, device)
+    fn, x = setup(provider, n, d, k, iters, device)
     out: dict = {}
 
     def run():
         out["times"], out["objective"] = fn()
 
     peak = benchlib.peak_bytes(run, device=device)
+    gb = None
+    if provider == "compiled":
+        # one kmeans_update call (the public op, checks included) against the one (N, d) x (d, K) product it
+        # cannot avoid, interleaved; centroids: K points of x
+        from pyprotoclip.ops import kmeans_update
+
+        cent = x[torch.randperm(n, generator=torch.Generator().manual_seed(1))[:k].to(x.device)].contiguous()
+        gb = benchlib.gemm_bound(lambda: kmeans_update(x, cent, backend="compiled"), [(n, d, k)], device=device,
+                                 repeats=max(5, iters))
     times = sorted(t * 1e3 for t in out["times"])
     q = lambda p: times[min(len(times) - 1, int(round(p * (len(times) - 1))))]  # noqa: E731
     return {"provider": provider, "n": n, "d": d, "k": k, "dtype": "float32", "iters": iters, "threads": threads,
             "median_ms": times[len(times) // 2] if len(times) % 2 else 0.5 * (times[len(times) // 2 - 1] + times[len(times) // 2]),
-            "p20_ms": q(0.2), "p80_ms": q(0.8), "objective": out["objective"], "peak_bytes": peak}
+            "p20_ms": q(0.2), "p80_ms": q(0.8), "objective": out["objective"], "peak_bytes": peak,
+            **({"gemm_bound": gb} if gb else {})}
 
 
 def plot(json_path: str, png_path: str | None = None) -> str:
@@ -177,6 +187,7 @@ def main() -> None:
     ap.add_argument("--providers", type=str, default=None, help="comma-separated subset of the providers")
     ap.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=str, default=None, help="results JSON (default benchmarks/results/kmeans-<device>.json)")
+    ap.add_argument("--shared", type=str, default=None, help="a note for the JSON when the machine was shared with other jobs")
     ap.add_argument("--one", type=str, default=None, help=argparse.SUPPRESS)  # provider,n,d,k,iters,threads
     args = ap.parse_args()
 
@@ -193,6 +204,8 @@ def main() -> None:
         providers = args.providers.split(",")
     env = benchlib.environment(args.device)
     env["threads"] = args.threads
+    if args.shared:
+        env["shared_machine"] = args.shared
     rows = []
     for n, d, k in shapes:
         for p in providers:
@@ -211,6 +224,10 @@ def main() -> None:
             print(f"{p:>10} N={n:>8} d={d:>4} K={k:>6}: {row['median_ms']:9.1f} ms/iter "
                   f"(p20 {row['p20_ms']:.1f}, p80 {row['p80_ms']:.1f}), objective {row['objective']:.6g}, "
                   f"peak {row['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+            if "gemm_bound" in row:
+                gb = row["gemm_bound"]
+                print(f"{'':>10} kmeans_update x{gb['x_gemm_bound']:.2f} GEMM bound ({gb['op_ms']['median_ms']:.1f} ms "
+                      f"vs the (N, d) x (d, K) GEMM {gb['gemm_ms']['median_ms']:.1f} ms)", flush=True)
     peer = "fastkmeans" if gpu else "faiss"
     for n, d, k in shapes:
         ours = next((r for r in rows if r["provider"] == "compiled" and (r["n"], r["d"], r["k"]) == (n, d, k)), None)

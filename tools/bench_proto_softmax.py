@@ -45,7 +45,10 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 
+import benchlib  # noqa: E402
+from pyprotoclip.ops import reference as reference_ops  # noqa: E402
 from pyprotoclip.ops.proto_softmax import proto_cross_entropy  # noqa: E402
 
 MODES = ("hard", "soft", "teacher")
@@ -70,9 +73,13 @@ def setup(provider: str, mode: str, b: int, k: int, d: int, dtype: torch.dtype, 
         t = F.normalize(torch.randn(b, d, generator=gen), dim=1).to(device=device, dtype=dtype)
         c = F.normalize(torch.randn(k, d, generator=gen), dim=1).to(device=device, dtype=dtype)
         kw = {"teacher_features": t, "teacher_prototypes": c, "teacher_temperature": TAU_T}
-    if provider in ("compiled", "reference"):
+    if provider in ("auto", "compiled", "reference"):
         def fn():
             return proto_cross_entropy(f, p, tau, backend=provider, **kw)
+    elif provider == "bare_reference":
+        # reference.py's formula called directly: no argument checks, no backend choice (hard targets)
+        def fn():
+            return reference_ops.proto_softmax_loss(f, p, tau, kw["target"])[0].mean()
     elif provider == "cut_cross_entropy":
         from cut_cross_entropy import linear_cross_entropy
 
@@ -239,6 +246,18 @@ def run(args: argparse.Namespace) -> dict:
                     gc.collect()
                     if device == "cuda":
                         torch.cuda.empty_cache()
+                gb = None
+                if provider == "compiled" and mode == "hard" and dtype == torch.float32:
+                    # hard targets, frozen prototypes: the logits F P^T and dF = G P, 2 x (B d K)
+                    fn_gb, leaves_gb = setup(provider, mode, b, k, d, dtype, device)
+                    leaves_gb[1].requires_grad_(False)
+
+                    def fwd_bwd(fn_gb=fn_gb, leaves_gb=leaves_gb):
+                        _zero_grads(leaves_gb)
+                        fn_gb().backward()
+
+                    gb = benchlib.gemm_bound(fwd_bwd, [(b, d, k), (b, k, d)], device=device, repeats=reps)
+                    del fn_gb, leaves_gb
                 for phase, values in times.items():
                     q = statistics.quantiles(values, n=10, method="inclusive")
                     row = {
@@ -246,13 +265,23 @@ def run(args: argparse.Namespace) -> dict:
                         "phase": phase, "median_ms": statistics.median(values), "p20_ms": q[1], "p80_ms": q[7],
                         "reps": len(values), "peak_bytes": peaks.get(phase),
                     }
+                    if gb is not None and phase == "fwd+bwd":
+                        row["gemm_bound_frozen_prototypes"] = gb
                     rows.append(row)
+                if gb is not None:
+                    print(f"{'':>18} hard B={b} K={k}: fwd+bwd (frozen prototypes) x{gb['x_gemm_bound']:.2f} GEMM bound "
+                          f"({gb['op_ms']['median_ms']:.1f} ms vs 2 GEMMs {gb['gemm_ms']['median_ms']:.1f} ms)", flush=True)
                 print(
                     f"{provider:>18} {mode:>7} B={b} K={k:>6} d={d}: fwd+bwd {statistics.median(times['fwd+bwd']):9.1f} ms "
                     f"(fwd {statistics.median(times['forward']):8.1f}, bwd {statistics.median(times['backward']):8.1f}), "
                     f"peak fwd+bwd {peaks['fwd+bwd'] / 2**20:9.1f} MiB",
                     flush=True,
                 )
+    for b, k in ([] if device == "cuda" else args.small):
+        rows.append(small_row(b, k, 128, device, args.small_repeats or (30 if args.quick else 100), 10))
+        r = rows[-1]
+        print(f"small hard B={b} K={k} d=128: " + ", ".join(f"{p} {r[p]['median_ms'] * 1e3:.0f} us" for p in SMALL_PROVIDERS)
+              + "; " + ", ".join(f"{key} x{v:.2f}" for key, v in r.items() if "_over_" in key), flush=True)
     return {
         "op": "proto_softmax",
         "device": device,
@@ -268,6 +297,34 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+SMALL_PROVIDERS = ("auto", "compiled", "reference", "bare_reference")
+
+
+def small_row(b: int, k: int, d: int, device: str, repeats: int, inner: int) -> dict:
+    """Small-shape row (hard targets, fp32): the public op with each backend and reference.py's formula called
+    bare, fwd+bwd, interleaved in one process; each sample is the mean of ``inner`` back-to-back calls."""
+    fns = {}
+    for provider in SMALL_PROVIDERS:
+        fn, leaves = setup(provider, "hard", b, k, d, torch.float32, device)
+
+        def run(fn=fn, leaves=leaves):
+            for _ in range(inner):
+                _zero_grads(leaves)
+                fn().backward()
+
+        fns[provider] = run
+    timed = benchlib.interleaved_ms(fns, device=device, repeats=repeats, warmup=3)
+    samples = timed.pop("_samples")
+    row = {"kind": "small", "mode": "hard", "B": b, "K": k, "d": d, "dtype": "float32", "phase": "fwd+bwd",
+           "inner": inner, "reps": repeats}
+    for provider, t in timed.items():
+        row[provider] = {key: (v / inner if key.endswith("_ms") else v) for key, v in t.items()}
+    for provider in ("auto", "compiled"):
+        for peer in ("reference", "bare_reference"):
+            row[f"{provider}_over_{peer}"] = statistics.median(a / c for a, c in zip(samples[provider], samples[peer]))
+    return row
+
+
 # ---- plot (from the JSON only) --------------------------------------------------------------------
 
 
@@ -280,7 +337,7 @@ def plot(json_path: str, png_path: str) -> None:
 
     with open(json_path) as fh:
         result = json.load(fh)
-    rows = [r for r in result["rows"] if r["phase"] == "fwd+bwd"]
+    rows = [r for r in result["rows"] if r["phase"] == "fwd+bwd" and r.get("kind") != "small"]
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     providers = sorted({r["provider"] for r in rows}, key=lambda p: (p != "compiled", p))
     ks = sorted({r["K"] for r in rows})
@@ -320,6 +377,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[1024, 8192, 32768], help="K values on CPU")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (at least 5 on CPU, 20 on GPU)")
+    parser.add_argument("--small", type=lambda v: [tuple(int(x) for x in item.split("x")) for item in v.split(",")] if v else [],
+                        default=[(32, 64), (64, 256), (128, 1024), (256, 1024)],
+                        help="BxK shapes of the small-shape row (hard targets, d=128, fp32), e.g. 32x64,64x256; '' to skip")
+    parser.add_argument("--small-repeats", type=int, default=None, help="interleaved samples per small shape")
+    parser.add_argument("--shared", default=None, help="a note for the JSON when the machine was shared with other jobs")
+    parser.add_argument("--tag", default=None, help="file-name tag (default: the device's name)")
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--no-save", action="store_true", help="print only; write no JSON or PNG")
     args = parser.parse_args(argv)
@@ -327,7 +390,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_save:
         return
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = f"proto_softmax-{device_slug(result['device'])}" + ("-quick" if args.quick else "")
+    if args.shared:
+        result["shared_machine"] = args.shared
+    stem = f"proto_softmax-{args.tag or device_slug(result['device'])}" + ("-quick" if args.quick else "")
     json_path = os.path.join(args.out_dir, stem + ".json")
     with open(json_path, "w") as fh:
         json.dump(result, fh, indent=1)

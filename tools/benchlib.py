@@ -125,3 +125,78 @@ def write_results(path: str, rows: list[dict[str, Any]], env: dict[str, Any]) ->
     with open(path, "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=1)
     print(f"wrote {path}")
+
+
+# ---- "x GEMM bound": an op's time over the bare matrix products it cannot avoid -------------------
+
+# The kernels' row blocks (csrc/tiling.h): a block holds at most this many fp32 values, and never fewer than
+# 16 rows. The GEMM bound is blocked the same way, so it never needs the full (m, n) matrix either.
+BLOCK_ELEMS = {"cpu": 8 << 20, "cuda": 64 << 20}
+MIN_BLOCK_ROWS = 16
+
+
+def gemm_fn(shapes: list[tuple[int, int, int]], *, device: str, dtype: torch.dtype = torch.float32) -> Callable[[], None]:
+    """A function that runs ``torch.mm`` for each ``(m, k, n)`` in ``shapes``: an (m, k) @ (k, n) product,
+    in row blocks of the kernels' size (``BLOCK_ELEMS``) into a reused output buffer, so memory stays
+    O(block + (m + n) k) as in the ops. Operands are random ``dtype`` tensors on ``device``."""
+    budget = BLOCK_ELEMS["cuda" if device.startswith("cuda") else "cpu"]
+    g = torch.Generator().manual_seed(0)
+    plan = []
+    for m, k, n in shapes:
+        rows = max(1, min(m, max(MIN_BLOCK_ROWS, budget // max(n, 1))))
+        # the left operand of a block: a product with a (B, B) left side (a backward's dI = G T) reads a
+        # recomputed block of G, never the whole matrix
+        left = torch.randn(rows, k, generator=g).to(device=device, dtype=dtype)
+        right = torch.randn(k, n, generator=g).to(device=device, dtype=dtype)
+        out = torch.empty(rows, n, device=device, dtype=dtype)
+        plan.append((m, rows, left, right, out))
+
+    def run() -> None:
+        for m, rows, left, right, out in plan:
+            for r0 in range(0, m, rows):
+                r = min(rows, m - r0)
+                torch.mm(left[:r], right, out=out[:r])
+
+    return run
+
+
+def interleaved_ms(fns: dict[str, Callable[[], Any]], *, device: str, repeats: int, warmup: int = 1) -> dict[str, dict[str, float]]:
+    """``time_ms`` for several functions in turn (A B A B ...), so that a machine's drift (other jobs on a
+    shared machine) hits them alike. Returns each one's median/p20/p80 in ms."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, values in samples.items():
+        values = sorted(values)
+        q = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else values * 9
+        out[name] = {"median_ms": statistics.median(values), "p20_ms": q[1], "p80_ms": q[7], "repeats": repeats}
+    out["_samples"] = samples  # type: ignore[assignment]
+    return out
+
+
+def gemm_bound(op: Callable[[], Any], shapes: list[tuple[int, int, int]], *, device: str, repeats: int,
+               dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The op's time divided by the time of the matrix products it cannot avoid (``gemm_fn(shapes)``), both
+    timed in this process, interleaved. ``x_gemm_bound`` is the median of the per-pair ratios (each op
+    run over the GEMM run next to it); 1.0 would be an op whose only cost is those products."""
+    timed = interleaved_ms({"op": op, "gemm": gemm_fn(shapes, device=device, dtype=dtype)}, device=device, repeats=repeats)
+    samples = timed.pop("_samples")
+    ratios = [a / b for a, b in zip(samples["op"], samples["gemm"])]
+    return {
+        "gemm_shapes_mkn": [list(s) for s in shapes],
+        "gemm_dtype": str(dtype).replace("torch.", ""),
+        "op_ms": timed["op"],
+        "gemm_ms": timed["gemm"],
+        "x_gemm_bound": statistics.median(ratios),
+        "x_gemm_bound_of_medians": timed["op"]["median_ms"] / timed["gemm"]["median_ms"],
+    }
