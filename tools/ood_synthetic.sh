@@ -50,10 +50,10 @@ declare -A FLAGS=(
 RUNS=(palm_m0.99 cache1_m0.99 ce)
 for name in "${RUNS[@]}"; do
   if [ -f "$L/$name/done" ]; then echo "== [ood] $name already trained"; continue; fi
-  resume=(); [ -f "$L/$name/checkpoints/epoch_latest.pt" ] && resume=(--resume latest)
+  resume=""; [ -f "$L/$name/checkpoints/epoch_latest.pt" ] && resume="--resume latest"
   echo "== [ood] training $name"
   # shellcheck disable=SC2086
-  "$PY" -m pyprotoclip ood train "${COMMON[@]}" --name "$name" ${FLAGS[$name]} "${resume[@]}"
+  "$PY" -m pyprotoclip ood train "${COMMON[@]}" --name "$name" ${FLAGS[$name]} $resume
   touch "$L/$name/done"
 done
 
@@ -73,17 +73,36 @@ for method in clip protoclip; do
   outs+=("demo-$method=$L/demo-$method-eval/results.jsonl")
 done
 
-# (d) one table: FPR95 / AUROC (%) per score and OOD set
+# (d) ID accuracy of each ood-trained network: a logistic regression on its penultimate features, training
+# split -> validation split
+for name in "${RUNS[@]}"; do
+  "$PY" - "$L/$name/checkpoints/epoch_latest.pt" "$TRAIN" "$D/val/00000.tar" > "$L/$name/eval/id_accuracy.txt" <<'EOF'
+import sys
+import numpy as np
+from pyprotoclip.ood import score
+from pyprotoclip.ood.scores import LinearHeadMSP, l2_normalise
+model = score.load_scoring_model(sys.argv[1])
+train, val = (score.extract(model, spec, batch_size=256, workers=1) for spec in sys.argv[2:4])
+probe = LinearHeadMSP(train["features"], train["labels"])
+f = (l2_normalise(val["features"].numpy().astype(np.float64)) - probe.mean) / probe.std
+print(f"{100 * (probe.clf.predict(f) == val['labels'].numpy()).mean():.1f}")
+EOF
+done
+
+# (e) one table: FPR95 / AUROC (%) per score and OOD set
 "$PY" - "${outs[@]}" <<'EOF'
-import json, sys
-print(f"{'model':14s} {'score':12s} {'unseen-shapes':>16s} {'grayscale-val':>16s}   (FPR95 / AUROC, %)")
+import json, os, sys
+print(f"{'model':14s} {'ID acc':>6s}  {'score':12s} {'unseen-shapes':>16s} {'grayscale-val':>16s}   (FPR95 / AUROC, %)")
 for arg in sys.argv[1:]:
     name, path = arg.split("=", 1)
+    acc_file = os.path.join(os.path.dirname(path), "id_accuracy.txt")
+    acc = open(acc_file).read().strip() if os.path.exists(acc_file) else ""
     rows = {}
     for line in open(path):
         r = json.loads(line)
         if r.get("type") == "ood_eval":
             rows[(r["score"], r["ood"])] = f"{100 * r['fpr95']:5.1f} / {100 * r['auroc']:5.1f}"
-    for score in dict.fromkeys(s for s, _ in rows):
-        print(f"{name:14s} {score:12s} {rows.get((score, 'unseen-shapes'), '-'):>16s} {rows.get((score, 'grayscale-val'), '-'):>16s}")
+    for i, score in enumerate(dict.fromkeys(s for s, _ in rows)):
+        print(f"{name if i == 0 else '':14s} {acc if i == 0 else '':>6s}  {score:12s} "
+              f"{rows.get((score, 'unseen-shapes'), '-'):>16s} {rows.get((score, 'grayscale-val'), '-'):>16s}")
 EOF
