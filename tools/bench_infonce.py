@@ -148,7 +148,7 @@ def plot(results_path: str) -> str:
         axes[2].axhline(1.0, color="k", lw=0.5)
         axes[2].set_xscale("log", base=2)
         axes[2].set_xlabel("B (d = %d, fp32)" % small[0]["d"])
-        axes[2].set_ylabel("fwd+bwd time / open_clip ClipLoss (median of interleaved pairs)")
+        axes[2].set_ylabel("fwd+bwd time / ClipLoss (interleaved)")
         axes[2].set_title("small batches")
         axes[2].grid(True, which="both", alpha=0.3)
         axes[2].legend(fontsize=8)
