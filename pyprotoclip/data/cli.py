@@ -59,6 +59,10 @@ _ARG_FLAGS = {"img_key": "--img-key", "caption_key": "--caption-key", "label_key
               "templates": "--templates", "csv": "--csv", "root": "--root"}
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _report(summary: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({k: v for k, v in summary.items()}, indent=1))
@@ -74,7 +78,12 @@ def _report(summary: dict, as_json: bool) -> None:
         click.echo(line)
     if "classnames" in summary:
         kind = {"ids": " (integer ids)", "names": " (class names)"}.get(summary.get("labels"), "")
-        click.echo(f"labels{kind}: {len(summary['classnames'])} classes; classnames.txt and templates.txt in {summary['out_dir']}")
+        n = len(summary["classnames"])
+        click.echo(f"labels{kind}: {_count(n, 'class', 'classes')}; classnames.txt and templates.txt in {summary['out_dir']}")
+        without = summary.get("classes_without_images") or []
+        if without:
+            more = f", ... ({len(without)} in all)" if len(without) > 5 else ""
+            click.echo(f"{_count(len(without), 'class', 'classes')} without images: {', '.join(without[:5])}{more}")
     if "order" in summary:
         click.echo("order: " + ("as listed" if summary["order"] == "input" else f"shuffled across shards ({summary['order']})"))
 
@@ -84,7 +93,7 @@ def _read_templates(templates_file: str | None) -> tuple[str, ...]:
 
     if not templates_file:
         return DEFAULT_FOLDER_TEMPLATES
-    with open(templates_file, encoding="utf-8") as f:
+    with open(templates_file, encoding="utf-8-sig") as f:
         return tuple(line.strip() for line in f if line.strip())
 
 
@@ -152,7 +161,8 @@ def from_csv(csv_path: str, out_dir: str, img_key: str, caption_key: str, label_
                    "templates.txt [default: 'a photo of a {}.' and 3 more].")
 @click.option("--classnames", "classnames_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="The class order: one folder name per line ('_' or spaces), line i = label i. It must name every "
-                   "class folder and nothing else [default: alphabetical order of the folder names].")
+                   "class folder and may name classes without images (they keep their label, e.g. the training set's "
+                   "file for a validation folder missing a class) [default: alphabetical order of the folder names].")
 @_order_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress output.")

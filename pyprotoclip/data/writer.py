@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shlex
 import sys
 import tarfile
 import time
@@ -171,9 +172,10 @@ def _few(names: Iterable[str], n: int = 5) -> str:
 
 
 def read_names_file(path: str, what: str = "classnames") -> list[str]:
-    """Non-empty stripped lines of a UTF-8 file, one class name per line. ValueError if it is empty or repeats a name."""
+    """Non-empty stripped lines of a UTF-8 file (a leading BOM dropped), one class name per line. ValueError if it is
+    empty or repeats a name."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             names = [line.strip() for line in f if line.strip()]
     except UnicodeDecodeError as exc:
         raise ValueError(f"{what}: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
@@ -215,7 +217,7 @@ def csv_records(csv_path: str, *, img_key: str = "filepath", caption_key: str = 
     base = os.path.dirname(os.path.abspath(csv_path))
     records: list[tuple[str, str, str | None, int]] = []
     empty = 0
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter=sep)
         fields = reader.fieldnames or []
         for name, key in (("img_key", img_key), ("caption_key", caption_key), ("label_key", label_key)):
@@ -307,6 +309,8 @@ def write_from_csv(csv_path: str, out_dir: str, *, img_key: str = "filepath", ca
         _write_zeroshot_files(summary["out_dir"], names, templates)
         summary["labels"] = kind
         summary["classnames"] = names
+        used = set(labels)
+        summary["classes_without_images"] = [n for i, n in enumerate(names) if i not in used]
     return summary
 
 
@@ -332,38 +336,32 @@ def _class_phrase(folder_name: str) -> str:
     return folder_name.replace("_", " ").strip()
 
 
-def folder_class_order(folders: list[str], classnames_file: str, root: str) -> list[int]:
-    """For each class folder, its index in the classnames file. A line names a folder as it is or with spaces for
-    '_' ("golden_retriever" or "golden retriever"). ValueError naming the folders with no line and the lines with no
-    folder."""
+def folder_class_order(folders: list[str], classnames_file: str, root: str) -> tuple[list[int], list[str]]:
+    """For each class folder, its index in the classnames file, and the file's names ('_' as spaces). A line names a
+    folder as it is or with spaces for '_' ("golden_retriever" or "golden retriever"); lines with no folder are
+    classes without images (they keep their index). ValueError naming the folders with no line."""
     lines = read_names_file(classnames_file)
     pos = {_class_phrase(x): i for i, x in enumerate(lines)}
     if len(pos) != len(lines):
         raise ValueError(f"classnames: {classnames_file} lists a class twice (once with '_', once with spaces)")
     missing = [c for c in folders if _class_phrase(c) not in pos]
-    phrases = {_class_phrase(c) for c in folders}
-    extra = [x for x in lines if _class_phrase(x) not in phrases]
-    problems = []
     if missing:
-        problems.append(f"folder(s) with no line in {classnames_file}: {_few(missing)}")
-    if extra:
-        problems.append(f"name(s) in {classnames_file} with no folder under {root}: {_few(extra)}")
-    if problems:
-        raise ValueError("classnames: " + "; ".join(problems))
-    return [pos[_class_phrase(c)] for c in folders]
+        raise ValueError(f"classnames: folder(s) under {root} with no line in {classnames_file}: {_few(missing)}")
+    return [pos[_class_phrase(c)] for c in folders], [_class_phrase(x) for x in lines]
 
 
 def caption_file_lines(image_path: str) -> list[str] | None:
     """The non-empty stripped lines of the caption file beside an image (``img.jpg`` -> ``img.txt``, img2dataset's
-    convention), or None when there is none. ValueError if it is not UTF-8 text."""
+    convention), or None when there is none; a leading UTF-8 BOM is dropped. ValueError if it is not UTF-8 text."""
     path = os.path.splitext(image_path)[0] + ".txt"
     if not os.path.isfile(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return [line.strip() for line in f if line.strip()]
     except UnicodeDecodeError as exc:
-        raise ValueError(f"root: caption file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise ValueError(f"caption file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8, "
+                         f"e.g. iconv -f latin1 -t utf-8 {shlex.quote(path)} -o {shlex.quote(path + '.utf8')}") from exc
 
 
 def write_from_folder(root: str, out_dir: str, *, samples_per_shard: int = 1000, templates: Iterable[str] = DEFAULT_FOLDER_TEMPLATES,
@@ -372,7 +370,8 @@ def write_from_folder(root: str, out_dir: str, *, samples_per_shard: int = 1000,
 
     Class names are the folder names with '_' as spaces. Labels are the index of the folder name in sorted
     (alphabetical, code-point) order, or its line in ``classnames_file`` when given (which must name every folder and
-    nothing else); classnames.txt lists the names in label order. An image's caption is the first non-empty line of
+    may name classes without images: they keep their line as label, listed in ``summary["classes_without_images"]``);
+    classnames.txt lists the names in label order. An image's caption is the first non-empty line of
     its caption file (``img.jpg`` + ``img.txt``) when it has one, all its lines kept in ``<key>.json`` as
     {"captions": [...]} when there are several; otherwise a template filled with the class name, picked by the
     image's index. Samples are written in a random order drawn from ``seed`` (``None``: class by class, as listed);
@@ -381,11 +380,12 @@ def write_from_folder(root: str, out_dir: str, *, samples_per_shard: int = 1000,
     templates = _check_templates(templates)
     folders, items = folder_items(root)
     names = [_class_phrase(c) for c in folders]
+    without: list[str] = []
     if classnames_file is not None:
-        order = folder_class_order(folders, classnames_file, root)
-        ordered = [""] * len(folders)
+        order, ordered = folder_class_order(folders, classnames_file, root)
         for ci, li in enumerate(order):
             ordered[li] = names[ci]
+        without = [ordered[li] for li in sorted(set(range(len(ordered))) - set(order))]
         names = ordered
         items = [(p, order[ci]) for p, ci in items]
     rows: list[tuple[str, str, str, int, dict[str, Any]]] = []
@@ -407,6 +407,7 @@ def write_from_folder(root: str, out_dir: str, *, samples_per_shard: int = 1000,
     summary = _write_samples(it, out_dir, samples_per_shard, len(rows), "from-folder", progress, extra=lambda row: row[4])
     _write_zeroshot_files(summary["out_dir"], names, templates)
     summary["classnames"] = names
+    summary["classes_without_images"] = without
     summary["own_captions"] = own
     summary["empty_caption_files"] = empty_files
     summary["order"] = "input" if seed is None else f"seed {seed}"

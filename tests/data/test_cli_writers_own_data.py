@@ -173,7 +173,19 @@ def test_from_folder_caption_files(tmp_path):
     assert json.loads(r.output)["own_captions"] == 2
     (root / "cat" / "1.txt").write_bytes(b"\xff\xfe bad")
     msg = one_line_error(run("from-folder", "--root", str(root), "--out", str(tmp_path / "o3")))
-    assert "--root: caption file" in msg and "1.txt is not UTF-8 text" in msg
+    assert msg.startswith("Error: caption file ") and "1.txt is not UTF-8 text" in msg
+    assert "iconv -f latin1 -t utf-8" in msg and "--root" not in msg
+
+
+def test_from_folder_caption_file_bom_dropped_and_one_class(tmp_path):
+    root = tmp_path / "root"
+    make_folder(root, {"cat": 1})
+    (root / "cat" / "0.txt").write_bytes("\ufeffa cat on a mat\n".encode("utf-8"))
+    out = tmp_path / "shards"
+    r = run("from-folder", "--root", str(root), "--out", str(out), "--quiet")
+    assert r.exit_code == 0, r.output
+    assert [s["txt"] for s in samples(out)[0]] == ["a cat on a mat"]
+    assert "labels: 1 class;" in r.output and "1 classes" not in r.output
 
 
 def test_from_folder_classnames(tmp_path):
@@ -192,8 +204,23 @@ def test_from_folder_classnames(tmp_path):
     assert (tmp_path / "o2" / "classnames.txt").read_text() == "cat\ndog\ngolden retriever\n"
     (tmp_path / "bad.txt").write_text("golden_retriever\nhorse\ncat\nzebra\n")
     msg = one_line_error(run("from-folder", "--root", str(root), "--out", str(tmp_path / "o3"), "--classnames", str(tmp_path / "bad.txt")))
-    assert msg.startswith("Error: --classnames: folder(s) with no line in") and "'dog'" in msg
-    assert "name(s) in" in msg and "with no folder under" in msg and "'horse', 'zebra'" in msg
+    assert msg.startswith("Error: --classnames: folder(s) under") and "with no line in" in msg and "'dog'" in msg
+    assert "horse" not in msg  # names without a folder are allowed; only the folder without a line is an error
+
+
+def test_from_folder_classnames_with_classes_without_images(tmp_path):
+    # a validation folder missing a class gets the training set's label order
+    root = tmp_path / "val"
+    make_folder(root, {"green": 1, "red": 1})
+    (tmp_path / "names.txt").write_bytes("\ufeffblue\ngreen\nred\n".encode("utf-8"))  # BOM dropped too
+    out = tmp_path / "shards"
+    r = run("from-folder", "--root", str(root), "--out", str(out), "--classnames", str(tmp_path / "names.txt"), "--keep-order", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert (out / "classnames.txt").read_text() == "blue\ngreen\nred\n"
+    assert [s["cls"] for s in samples(out)[0]] == ["1", "2"]
+    assert "labels: 3 classes;" in r.output and "1 class without images: blue" in r.output
+    r = run("from-folder", "--root", str(root), "--out", str(tmp_path / "o2"), "--classnames", str(tmp_path / "names.txt"), "--json", "--quiet")
+    assert json.loads(r.output)["classes_without_images"] == ["blue"]
 
 
 def test_help_says_how_labels_are_made():
@@ -241,3 +268,16 @@ def test_from_csv_shuffled_and_deterministic(tmp_path):
     assert [s["txt"] for shard in got for s in shard] != [f"caption {i}" for i in range(20)]
     assert all(s["cls"] == str(int(s["key"]) // 5) and s["txt"] == f"caption {int(s['key'])}" for shard in got for s in shard)
     assert max(len({s["cls"] for s in shard}) for shard in got) > 1
+
+
+def test_from_csv_bom_header_and_classes_without_rows(tmp_path):
+    csv_path = make_csv(tmp_path, ["cat", "dog"])
+    with open(csv_path, "rb") as f:
+        raw = f.read()
+    with open(csv_path, "wb") as f:
+        f.write("\ufeff".encode("utf-8") + raw)  # an editor's BOM: the first column is still 'filepath'
+    (tmp_path / "names.txt").write_text("bird\ncat\ndog\n")
+    out = tmp_path / "shards"
+    r = run("from-csv", "--csv", csv_path, "--out", str(out), "--label-key", "label", "--classnames", str(tmp_path / "names.txt"), "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "1 class without images: bird" in r.output
