@@ -331,6 +331,7 @@ class StreamStats(Counter):
         self.why: dict[str, str] = {}
         self.ended: str | None = None
         self.pass_samples: int | None = None  # samples in this stream's first full pass over its shards
+        self.lost_in: set[str] = set()  # shards whose lost samples are counted (once: a stream re-reads its shards)
 
     def bad_in(self, url: str, reason: str, n: int = 1, detail: str = "") -> None:
         """Count ``n`` bad samples of ``url`` (already counted by reason by the caller)."""
@@ -455,10 +456,14 @@ def iter_raw_samples(url: str, stats: Counter, warn: Callable[[str, str, str], N
             expected = round(stats["samples_in_intact_shards"] / stats["shards_intact"]) if stats["shards_intact"] else 1
         lost = max(1, expected - read_here)
         stats["bad_shard"] += 1
-        stats["samples_lost"] += lost
         detail = _describe_exc(exc)
         if isinstance(stats, StreamStats):
-            stats.bad_in(url, "bad_shard", lost, detail)
+            if url not in stats.lost_in:  # a training stream wraps around its shards: count a shard's loss once
+                stats.lost_in.add(url)
+                stats["samples_lost"] += lost
+                stats.bad_in(url, "bad_shard", lost, detail)
+        else:
+            stats["samples_lost"] += lost
         warn("bad_shard", url, detail)
 
 
@@ -871,12 +876,13 @@ class BadDataMonitor:
                            f"more than --max-bad-fraction {self.max_fraction:g} allows" + (f"; worst shards: {shards}" if shards else ""))
 
 
-def _check_shards_before_reading(shards: list[str], sizes: list[int] | None, cfg: DataConfig) -> None:
+def _check_shards_before_reading(shards: list[str], sizes: list[int] | None, cfg: DataConfig) -> dict[str, str]:
     """BadDataError when every shard is damaged, or (with max_bad_fraction) when the damaged ones hold more than that
-    share of the samples; else one warning naming them (they are skipped and counted when read)."""
+    share of the samples; else one warning naming them. Returns {damaged shard: why} (training streams leave them
+    out; evaluation reads and counts each once)."""
     damaged = check_shard_headers(shards)
     if not damaged:
-        return
+        return damaged
     items = [(s, damaged[s]) for s in shards if s in damaged]
     n, total, checked = len(items), len(shards), len(shards_to_check(shards))
     sampled = f", {checked} of {total} checked" if checked < total else ""
@@ -894,6 +900,7 @@ def _check_shards_before_reading(shards: list[str], sizes: list[int] | None, cfg
     if tuple(shards) not in _DAMAGED_WARNED:  # once per process for a shard list, not every epoch
         _DAMAGED_WARNED.add(tuple(shards))
         logger.warning("%s: %s are damaged and are skipped: %s", cfg.flag, of, name_shards(items))
+    return damaged
 
 
 def build_loader(cfg: DataConfig, *, preprocess: Callable[[Image.Image], torch.Tensor], tokenize: Callable[[list[str]], torch.Tensor],
@@ -922,11 +929,17 @@ def build_loader(cfg: DataConfig, *, preprocess: Callable[[Image.Image], torch.T
         raise ValueError(f"max_bad_fraction: expected a fraction in [0, 1] or None, got {cfg.max_bad_fraction!r}")
     shards = expand_shards(cfg.shards, cfg.flag)
     sizes = shard_sizes(shards)
-    _check_shards_before_reading(shards, sizes, cfg)
+    damaged = _check_shards_before_reading(shards, sizes, cfg)
+    if is_train and damaged:  # skipped: a training stream would re-read them every pass (the epoch length stays)
+        keep = [i for i, s in enumerate(shards) if s not in damaged]
+        all_sizes, shards = sizes, [shards[i] for i in keep]
+        sizes = [sizes[i] for i in keep] if sizes is not None else None
+    else:
+        all_sizes = sizes
     if cfg.num_samples is not None:
         num_samples = cfg.num_samples
-    elif sizes is not None:
-        num_samples = sum(sizes)
+    elif all_sizes is not None:
+        num_samples = sum(all_sizes)
     else:
         raise ValueError(
             f"num_samples: not given and no sizes.json beside the shards of {cfg.shards!r} lists every shard; "

@@ -256,6 +256,31 @@ def test_shard_deleted_after_the_run_started_is_counted_and_named(tmp_path):
     assert any(u == b and "missing: deleted or moved after the run started" in w for u, _, w in st["worst_shards"])
 
 
+def test_a_damaged_shard_is_left_out_of_a_training_stream_not_counted_every_pass(tmp_path):
+    spec = write_good_shards(str(tmp_path), 4, 6)
+    damaged = expand_shards(spec)[3]
+    open(damaged, "wb").write(b"\x07" * 3000)  # 1 of 4 shards: a quarter of the samples, found before reading
+    # 72 samples a rank from 18 readable ones: four passes over the shards, and a limit the one shard stays under
+    cfg = DataConfig(spec, batch_size=4, workers=0, shuffle_buffer=50, num_samples=72, max_bad_fraction=0.3)
+    loader = load(cfg, is_train=True)
+    keys = [k for x in loader for k in x["key"]]
+    assert len(keys) == 72 and set(keys) == {f"{k:06d}" for k in range(18)}  # the readable samples, repeated
+    st = loader.stats()
+    assert st["bad"].get("bad_shard", 0) == 0 and st["samples_lost"] == 0  # never opened in the stream
+
+
+def test_a_shard_damaged_inside_counts_its_lost_samples_once_per_stream(tmp_path):
+    spec = write_good_shards(str(tmp_path), 2, 6)
+    a, _ = expand_shards(spec)
+    raw = open(a, "rb").read()
+    open(a, "wb").write(raw[: raw.index(b"000003.jpg") + 512 + 40])  # its header is fine: it fails while read
+    loader = load(DataConfig(spec, batch_size=3, workers=0, shuffle_buffer=1, num_samples=27), is_train=True)
+    assert sum(len(x["key"]) for x in loader) == 27  # three passes over the 9 readable samples
+    st = loader.stats()
+    assert st["bad"]["bad_shard"] == 3  # read (and failed) in each pass
+    assert st["samples_lost"] == 3  # its 3 unreadable samples, counted once
+
+
 def test_missing_files_in_the_spec_are_named_before_training(tmp_path):
     spec = write_good_shards(str(tmp_path / "d"), 2, 4)
     wide = spec.replace("{00000..00001}", "{00000..00004}")
