@@ -5,6 +5,7 @@ Checkpoint names: ``epoch_<N>.pt`` after epoch N, and ``epoch_latest.pt`` (overw
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from typing import Any, Mapping
@@ -14,12 +15,17 @@ import torch.distributed as dist
 
 from pyprotoclip.checkpoint import LATEST
 
-PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")  # a scheduler's stop request; SLURM sends SIGUSR1 before a time limit
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # a scheduler's stop request (SLURM sends SIGUSR1 before a
+# time limit) or Ctrl-C; a second Ctrl-C aborts at once without saving
+
+log = logging.getLogger("pyprotoclip.train")
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 ask the run to stop at the next step boundary with a resumable checkpoint.
+    """SIGTERM / SIGUSR1 / SIGINT ask the run to stop at the next step boundary with a resumable checkpoint.
 
+    A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once: the run aborts without saving more.
+    A SIGINT that the process was started ignoring (``nohup``, a background job) stays ignored.
     The handler only records the signal; :meth:`requested` is asked after every step and answers for all
     ranks at once (one all-reduce of a host flag over a gloo group), so every rank stops at the same step.
     """
@@ -28,17 +34,27 @@ class Preemption:
         self.group = group
         self.signal: str | None = None
         self._previous: dict[int, Any] = {}
+        self._interrupts = 0
 
     def install(self) -> "Preemption":
         if threading.current_thread() is threading.main_thread():
             for name in PREEMPTION_SIGNALS:
                 num = getattr(signal, name, None)
-                if num is not None:
-                    self._previous[num] = signal.signal(num, self._record)
+                if num is None or (name == "SIGINT" and signal.getsignal(num) is signal.SIG_IGN):
+                    continue
+                self._previous[num] = signal.signal(num, self._record)
         return self
 
     def _record(self, signum: int, frame: Any) -> None:
-        self.signal = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if name == "SIGINT":
+            self._interrupts += 1
+            if self._interrupts > 1:
+                log.warning("interrupted again (SIGINT): aborting now; nothing more was saved")
+                raise KeyboardInterrupt
+            log.warning("interrupted (SIGINT): saving at the end of this step; press Ctrl-C again to abort "
+                        "without saving")
+        self.signal = name
 
     def uninstall(self) -> None:
         for num, handler in self._previous.items():

@@ -25,7 +25,7 @@ def shards(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_a_preemption_signal_saves_a_resumable_checkpoint_and_exits_0(shards, tmp_path, sig):
     cmd = [sys.executable, "-m", "pyprotoclip", "train", "--train-data", shards["train_shards"], "--model", "tiny-vit",
            "--batch-size", "8", "--epochs", "100", "--workers", "0", "--warmup", "1", "--precision", "fp32",
@@ -43,10 +43,28 @@ def test_a_preemption_signal_saves_a_resumable_checkpoint_and_exits_0(shards, tm
     out = "".join(lines) + proc.communicate(timeout=240)[0]
     assert proc.returncode == 0, out[-3000:]
     assert f"{sig} received" in out and "--resume latest" in out
+    if sig == "SIGINT":
+        assert "press Ctrl-C again to abort without saving" in out and "Aborted!" not in out
     from pyprotoclip.checkpoint import load_checkpoint
 
     state = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "epoch_latest.pt"))
     assert 1 <= state["step"] < 800
+
+
+def test_a_second_sigint_aborts_at_once_without_saving(caplog):
+    from pyprotoclip.train.policy import Preemption
+
+    pre = Preemption().install()
+    try:
+        assert signal.getsignal(signal.SIGINT) == pre._record
+        pre._record(signal.SIGINT, None)
+        assert pre.requested() and pre.signal == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            pre._record(signal.SIGINT, None)
+    finally:
+        pre.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert "press Ctrl-C again" in caplog.text and "nothing more was saved" in caplog.text
 
 
 @pytest.mark.slow
