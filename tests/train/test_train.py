@@ -184,9 +184,22 @@ def test_log_warns_about_a_long_warmup_oversubscription_and_says_checkpoint_size
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
     s = fake_train(warmup=1000, workers=1, threads=1)
     log = open(os.path.join(s["run_dir"], "out.log")).read()
-    assert "--warmup 1000 is not shorter than the whole run (2 optimizer steps)" in log
+    assert "--warmup 1000 is longer than the whole run (2 optimizer steps)" in log
     assert "oversubscribed" in log and "pass --threads" in log
     assert "saved " in log and "epoch_1.pt (" in log and " MB)" in log
+
+
+@pytest.mark.parametrize("warmup, warns", [(2, False), (3, True)])
+def test_the_warmup_warning_matches_the_schedule(fake_train, warmup, warns):
+    """A 2-step run: --warmup 2 reaches --lr at its last step (no warning), --warmup 3 never does."""
+    from pyprotoclip.train.scheduler import lr_at
+
+    s = fake_train(warmup=warmup)
+    assert s["step"] == 2
+    log = open(os.path.join(s["run_dir"], "out.log")).read()
+    assert ("is longer than the whole run" in log) == warns
+    lrs = [lr_at(step, base_lr=1.0, warmup=warmup, total_steps=2) for step in range(2)]
+    assert (max(lrs) < 1.0) == warns
 
 
 def test_resume_removes_the_rows_written_after_its_checkpoint(fake_train):
