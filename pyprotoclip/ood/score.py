@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import time
+import zipfile
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -262,27 +263,58 @@ def run_eval(checkpoint: str, *, id_data: str, ood_data: Sequence[str], train_da
     return out
 
 
+SCORE_FILE_FORMATS = "an .npz written by `ood score`, a .npy, or a text file of numbers"
+
+
+def read_score_file(path: str, flag: str = "scores") -> tuple[np.ndarray, str | None]:
+    """(scores, the score's name or None) from an ``ood score`` .npz (keys "scores", "score") or a .npy / text
+    file of numbers; a file that is none of these is a one-line ValueError naming ``flag`` and the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}: no such file {path!r}")
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                if "scores" not in z:
+                    raise KeyError("scores")
+                name = str(z["score"]) if "score" in z else None
+                return np.asarray(z["scores"], dtype=np.float64), name
+        if path.endswith(".npy"):
+            return np.asarray(np.load(path, allow_pickle=False), dtype=np.float64).ravel(), None
+        return np.loadtxt(path, dtype=np.float64, ndmin=1), None
+    except KeyError:
+        raise ValueError(f"{flag}: {path!r} has no 'scores' array; expected {SCORE_FILE_FORMATS}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{flag}: {path!r} is not a score file ({type(exc).__name__}); expected "
+                         f"{SCORE_FILE_FORMATS}") from None
+
+
 def read_scores(path: str) -> np.ndarray:
     """Scores from an ``ood score`` .npz (key "scores") or a .npy / text file of numbers."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"scores: no such file {path!r}")
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as z:
-            if "scores" not in z:
-                raise ValueError(f"scores: {path!r} has no 'scores' array (written by `ood score`?)")
-            return np.asarray(z["scores"], dtype=np.float64)
-    if path.endswith(".npy"):
-        return np.asarray(np.load(path, allow_pickle=False), dtype=np.float64).ravel()
-    return np.loadtxt(path, dtype=np.float64, ndmin=1)
+    return read_score_file(path)[0]
 
 
 def eval_score_files(id_scores: str, ood_scores: Sequence[str], *, ood_names: Sequence[str] | None = None,
-                     aupr: str = "average_precision", out_dir: str = ".", plot: bool = True, label: str = "scores") -> dict[str, Any]:
-    """Metrics (and the plot) of precomputed scores: one ID file, one or more OOD files."""
+                     aupr: str = "average_precision", out_dir: str = ".", plot: bool = True, label: str | None = None) -> dict[str, Any]:
+    """Metrics (and the plot) of precomputed scores: one ID file, one or more OOD files.
+
+    label: the score's name in the table and results.jsonl; default the name the .npz files store (``ood score``
+    writes it), else "scores". An ID and an OOD file that store different score names are refused.
+    """
     names = list(ood_names) if ood_names else [os.path.splitext(os.path.basename(p))[0] for p in ood_scores]
     if len(names) != len(ood_scores):
         raise ValueError(f"ood-name: expected one name per OOD scores file ({len(ood_scores)}), got {len(names)}")
-    per_score = {label: {"id": read_scores(id_scores), "ood": {n: read_scores(p) for n, p in zip(names, ood_scores)}, "desc": {}}}
+    id_arr, id_name = read_score_file(id_scores, "id-scores")
+    ood = {}
+    stored, stored_path = id_name, id_scores
+    for n, path in zip(names, ood_scores):
+        ood[n], ood_name = read_score_file(path, "ood-scores")
+        if ood_name is not None and stored is not None and ood_name != stored:
+            raise ValueError(f"id-scores/ood-scores: {stored_path!r} holds {stored!r} scores but {path!r} holds "
+                             f"{ood_name!r}; give --id-scores and --ood-scores of the same score")
+        if stored is None:
+            stored, stored_path = ood_name, path
+    label = label or stored or "scores"
+    per_score = {label: {"id": id_arr, "ood": ood, "desc": {}}}
     evaluate_scores(per_score, aupr=aupr)
     os.makedirs(out_dir, exist_ok=True)
     results_path = os.path.join(out_dir, "results.jsonl")

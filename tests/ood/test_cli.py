@@ -75,9 +75,45 @@ def test_score_file_then_eval_of_the_files(palm_ckpt, ood_data, tmp_path):
         assert z["scores"].shape == (32,) and z["labels"].min() >= 0 and len(z["keys"]) == 32
     r = _invoke(["ood", "eval", "--id-scores", outs["val"], "--ood-scores", outs["ood"], "--out", str(tmp_path), "--json"])
     assert r.exit_code == 0, r.output
-    metrics = json.loads(r.output)["scores"]["ood"]
+    metrics = json.loads(r.output)["knn"]["ood"]  # the score name the .npz files store
     assert set(metrics) == {"fpr95", "auroc", "aupr_in", "aupr_out", "detection_error"}
     assert (tmp_path / "ood-val.png").exists()
+
+
+def _score_npz(path, score, seed):
+    np.savez(path, scores=np.random.default_rng(seed).normal(size=16), score=score)
+    return str(path)
+
+
+def test_eval_of_score_files_names_the_stored_score_and_refuses_a_mix(tmp_path):
+    id_f, ood_f = _score_npz(tmp_path / "id.npz", "knn", 0), _score_npz(tmp_path / "ood.npz", "knn", 1)
+    r = _invoke(["ood", "eval", "--id-scores", id_f, "--ood-scores", ood_f, "--out", str(tmp_path), "--no-plot"])
+    assert r.exit_code == 0, r.output
+    assert "knn" in r.output and "scores" not in r.output.split("results:")[0]
+    assert [json.loads(x)["score"] for x in open(tmp_path / "results.jsonl")] == ["knn"]
+    np.save(tmp_path / "plain.npy", np.zeros(4))  # no stored name: the .npz's name stands
+    r = _invoke(["ood", "eval", "--id-scores", str(tmp_path / "plain.npy"), "--ood-scores", ood_f, "--out", str(tmp_path),
+                 "--no-plot", "--json"])
+    assert r.exit_code == 0 and list(json.loads(r.output)) == ["knn"], r.output
+    msp = _score_npz(tmp_path / "msp.npz", "msp", 2)
+    r = _invoke(["ood", "eval", "--id-scores", id_f, "--ood-scores", msp, "--out", str(tmp_path), "--no-plot"])
+    assert r.exit_code == 2, r.output
+    line = r.output.strip().splitlines()[-1]
+    assert "--id-scores" in line and "--ood-scores" in line and "'knn'" in line and "'msp'" in line
+
+
+@pytest.mark.parametrize("name, content", [("model.pt", b"\x80\x02garbage\x00\xff"), ("bad.npz", b"\x80not a zip"),
+                                           ("words.txt", b"hello world\n")])
+def test_eval_of_a_file_that_is_no_score_file_is_a_one_line_error(tmp_path, name, content):
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    ok = _score_npz(tmp_path / "ood.npz", "knn", 1)
+    for flag, args in (("--id-scores", [str(bad), "--ood-scores", ok]), ("--ood-scores", [ok, "--ood-scores", str(bad)])):
+        r = _invoke(["ood", "eval", "--id-scores", *args, "--out", str(tmp_path), "--no-plot"])
+        assert r.exit_code == 2, r.output
+        line = r.output.strip().splitlines()[-1]
+        assert line.startswith("Error: ") and flag.lstrip("-") in line and name in line, r.output
+        assert "utf-8" not in line and ".npz" in line and ".npy" in line and "text file of numbers" in line
 
 
 def test_image_text_checkpoint_mahalanobis_and_mcm(clip_ckpt, ood_data, tmp_path):
