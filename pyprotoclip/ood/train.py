@@ -33,7 +33,7 @@ from pyprotoclip.train import policy
 from pyprotoclip.train.faults import (BufferSnapshot, NonFiniteGuard, TrainingError, checkpoint_write_error,
                                       gradient_norm, nonfinite_flags, read_flags)
 from pyprotoclip.train.params import bad_fraction_limit
-from pyprotoclip.train.reporting import Meter, Results, TermMeter, format_terms, log, setup_logging
+from pyprotoclip.train.reporting import Meter, Results, TermMeter, done_line, format_terms, log, setup_logging
 
 FORMAT = "pyprotoclip-ood-v1"
 LOSSES = ("palm", "ce")
@@ -385,7 +385,7 @@ def run(p: dict[str, Any], *, data: Any = None) -> dict[str, Any]:
     log.info("ood training (%s, %s, %d classes) on %d process(es), device %s: %d steps/epoch x %d epochs, global batch %d",
              p["loss"], p["backbone"], r.num_classes, r.world, r.device, spe, p["epochs"], p["batch_size"] * r.world)
     log.info("model parameters: %.2fM", sum(x.numel() for x in r.net.parameters()) / 1e6)
-    step_t, t0, stopped = Meter(), time.time(), False
+    step_t, t0, stopped, start_step = Meter(), time.time(), False, r.step
     try:
         for epoch in range(r.step // spe, p["epochs"]):
             stopped = _train_epoch(r, epoch, step_t)
@@ -397,11 +397,13 @@ def run(p: dict[str, Any], *, data: Any = None) -> dict[str, Any]:
                 stopped = True
                 break
         wall = time.time() - t0
-        summary = {"run_dir": r.run_dir, "step": r.step, "steps_per_epoch": spe, "interrupted": stopped, "wall_s": wall,
-                   "samples_per_s": p["batch_size"] * r.world * step_t.count / max(step_t.total, 1e-9),
+        # each epoch's first step (start-up) is left out of the speed: unknown (None) when no step is left
+        sps = p["batch_size"] * r.world * step_t.count / max(step_t.total, 1e-9) if step_t.count else None
+        summary = {"run_dir": r.run_dir, "step": r.step, "steps_this_process": r.step - start_step,
+                   "steps_per_epoch": spe, "interrupted": stopped, "wall_s": wall, "samples_per_s": sps,
                    "skipped_steps": r.nonfinite.total}
         if r.is_main:
-            log.info("done: %d steps in %.1fs, %.1f samples/s", r.step, wall, summary["samples_per_s"])
+            log.info("%s, %s samples/s", done_line(r.step, start_step, wall), "n/a" if sps is None else f"{sps:.1f}")
             r.results.write({"type": "summary", **summary})
         summary.update(net=r.net, loss_fn=r.loss_fn)
         return summary

@@ -166,3 +166,8 @@ class Results:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def done_line(step: int, start_step: int, wall: float) -> str:
+    """``done: step N (M in this process) in Ts``: the same words for ``train`` and ``ood train``."""
+    return f"done: step {step} ({step - start_step} in this process) in {wall:.1f}s"

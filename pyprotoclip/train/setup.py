@@ -233,7 +233,7 @@ def build_run(p: dict[str, Any], *, data: Any = None) -> TrainRun:
             f"train-data: an epoch has {run.first_loader.num_batches} batches per process, fewer than --accum-freq "
             f"{p['accum_freq']}; use more samples or a smaller --batch-size"
         )
-    if p["warmup"] > run.total_steps:  # scheduler.cosine_lr: step s (0-based) runs at --lr * (s + 1) / --warmup
+    if p["warmup"] > run.total_steps:  # scheduler.lr_at: step s (0-based) runs at --lr * (s + 1) / --warmup
         log.warning("--warmup %d is longer than the whole run (%d optimizer steps): the learning rate never "
                     "reaches --lr %g; pass a smaller --warmup", p["warmup"], run.total_steps, p["lr"])
     return run

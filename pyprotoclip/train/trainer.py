@@ -17,7 +17,7 @@ from pyprotoclip import distributed as pdist
 from pyprotoclip.train import policy
 from pyprotoclip.train.epoch import Speed, log_stop, train_one_epoch
 from pyprotoclip.train.faults import NonFiniteGuard
-from pyprotoclip.train.reporting import log
+from pyprotoclip.train.reporting import done_line, log
 from pyprotoclip.train.setup import TrainRun, build_run, wrap_data_parallel
 from pyprotoclip.train.state import resume, save
 
@@ -35,7 +35,7 @@ def run(p: dict[str, Any], *, data: Any = None) -> dict[str, Any]:
     log.info("training %s (%s) on %d process(es), device %s: %d steps/epoch x %d epochs, global batch %d",
              p["model"], p["method"], r.world, r.device, r.steps_per_epoch, p["epochs"], r.global_batch)
     log.info("model parameters: %.2fM", sum(x.numel() for x in r.net.parameters()) / 1e6)
-    speed, t0 = Speed(), time.time()
+    speed, t0, start_step = Speed(), time.time(), r.step
     stopped = False
     r.preemption.install()
     try:
@@ -51,7 +51,7 @@ def run(p: dict[str, Any], *, data: Any = None) -> dict[str, Any]:
                 log_stop(r, preempted)
                 stopped = True
                 break
-        return _summary(r, speed, time.time() - t0, stopped)
+        return _summary(r, speed, time.time() - t0, stopped, start_step)
     finally:
         r.preemption.uninstall()
         r.results.close()
@@ -86,17 +86,25 @@ def evaluate(r: TrainRun, epochs_done: int) -> None:
     pdist.barrier()
 
 
-def _summary(r: TrainRun, speed: Speed, wall: float, stopped: bool) -> dict[str, Any]:
+def _rate(x: float | None, fmt: str = "%.1f") -> str:
+    return "n/a" if x is None else fmt % x
+
+
+def _summary(r: TrainRun, speed: Speed, wall: float, stopped: bool, start_step: int) -> dict[str, Any]:
+    timed = speed.step.count > 0  # each epoch's first step (start-up) is left out: no speed when none is left
+    sps = r.global_batch * speed.step.count / max(speed.step.total, 1e-9) if timed else None
     summary: dict[str, Any] = {
-        "run_dir": r.run_dir, "steps_per_epoch": r.steps_per_epoch, "step": r.step, "interrupted": stopped,
-        "wall_s": wall, "samples_per_s": r.global_batch * speed.step.count / max(speed.step.total, 1e-9),
-        "data_fraction": speed.data.total / max(speed.step.total, 1e-9), "world_size": r.world,
+        "run_dir": r.run_dir, "steps_per_epoch": r.steps_per_epoch, "step": r.step, "steps_this_process": r.step - start_step,
+        "interrupted": stopped, "wall_s": wall, "samples_per_s": sps,
+        "data_fraction": speed.data.total / max(speed.step.total, 1e-9) if timed else None, "world_size": r.world,
         "skipped_steps": r.nonfinite.total,
     }
-    summary["samples_per_s_per_device"] = summary["samples_per_s"] / r.world
+    summary["samples_per_s_per_device"] = sps / r.world if timed else None
     if r.is_main:
-        log.info("done: %d steps in %.1fs, %.1f samples/s (%.1f/s/device), data %.1f%% of step time", r.step, wall,
-                 summary["samples_per_s"], summary["samples_per_s_per_device"], 100 * summary["data_fraction"])
+        frac = summary["data_fraction"]
+        log.info("%s, %s samples/s (%s/s/device), data %s of step time", done_line(r.step, start_step, wall),
+                 _rate(sps), _rate(summary["samples_per_s_per_device"]),
+                 "n/a" if frac is None else f"{100 * frac:.1f}%")
         r.results.write({"type": "summary", **summary})
     summary["model"] = r.net
     return summary

@@ -79,6 +79,19 @@ def test_two_step_run_lowers_the_loss_and_writes_a_checkpoint(train_params):
     assert state["method_state"]["prototypes"].shape == (40, 128)
 
 
+def test_done_line_says_unknown_speed_without_a_timed_step_and_counts_this_process(train_params):
+    s = T.run(train_params(name="one"))  # one step: an epoch's first step (start-up) is never timed
+    log = open(os.path.join(s["run_dir"], "out.log")).read()
+    assert s["samples_per_s"] is None and "done: step 1 (1 in this process) in " in log and "n/a samples/s" in log
+    rows = [json.loads(line) for line in open(os.path.join(s["run_dir"], "results.jsonl"))]
+    assert [r for r in rows if r["type"] == "summary"][-1]["samples_per_s"] is None
+    common = dict(epochs=2, train_num_samples=24)
+    T.run(train_params(name="cut", stop_after_steps=4, **common))
+    s = T.run(train_params(name="cut", resume="latest", **common))
+    log = open(os.path.join(s["run_dir"], "out.log")).read()
+    assert s["steps_this_process"] == 2 and "done: step 6 (2 in this process)" in log and s["samples_per_s"] > 0
+
+
 def test_interrupted_and_resumed_run_is_exact(train_params):
     common = dict(epochs=2, train_num_samples=24, lr=0.1, warmup_epochs=1)  # 3 steps per epoch
     full = T.run(train_params(name="full", **common))

@@ -189,6 +189,23 @@ def test_log_warns_about_a_long_warmup_oversubscription_and_says_checkpoint_size
     assert "saved " in log and "epoch_1.pt (" in log and " MB)" in log
 
 
+def test_done_line_says_unknown_speed_for_one_step_and_counts_this_process(fake_train):
+    """A one-step run has no timed step (an epoch's first is start-up): speed n/a / null, not 0.0. A resumed run
+    says its global step and how many steps this process ran."""
+    s = fake_train(name="one", train_num_samples=8)
+    assert s["step"] == 1 and s["samples_per_s"] is None and s["samples_per_s_per_device"] is None
+    log = open(os.path.join(s["run_dir"], "out.log")).read()
+    assert "done: step 1 (1 in this process) in " in log and "n/a samples/s" in log and "0.0 samples/s" not in log
+    rows = [json.loads(line) for line in open(os.path.join(s["run_dir"], "results.jsonl"))]
+    summary = [r for r in rows if r["type"] == "summary"][-1]
+    assert summary["samples_per_s"] is None and summary["data_fraction"] is None
+    fake_train(name="res", epochs=2, stop_after_steps=3, train_num_samples=24)
+    s = fake_train(name="res", epochs=2, train_num_samples=24, resume="latest")
+    log = open(os.path.join(s["run_dir"], "out.log")).read()
+    assert s["step"] == 6 and s["steps_this_process"] == 3 and "done: step 6 (3 in this process)" in log
+    assert isinstance(s["samples_per_s"], float) and s["samples_per_s"] > 0
+
+
 @pytest.mark.parametrize("warmup, warns", [(2, False), (3, True)])
 def test_the_warmup_warning_matches_the_schedule(fake_train, warmup, warns):
     """A 2-step run: --warmup 2 reaches --lr at its last step (no warning), --warmup 3 never does."""
