@@ -27,7 +27,8 @@ def _seed(ctx: click.Context, param: click.Parameter, value: int | None) -> int 
 @click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Samples in --data (default: sizes.json).")
 @click.option("--train-data", "--probe-train-data", "train_data", default=None,
               help="Training shards for the linear probe (brace spec(s) joined by '::'): fit on their image features, test on "
-                   "--data, C chosen on a 20% held-out part of them. Without it the probe uses a split of --data.")
+                   "--data, C chosen on a 20% held-out part of them. When both sets have a classnames.txt and they differ, "
+                   "the training labels are matched to --data's by class name. Without it the probe uses a split of --data.")
 @click.option("--train-num-samples", "--probe-train-num-samples", "train_num_samples", type=click.IntRange(min=0),
               default=DEFAULT_PROBE_TRAIN_SAMPLES, show_default=True,
               help="Fit the linear probe on the first N samples of --train-data (shard order); 0: all of them.")

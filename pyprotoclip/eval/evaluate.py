@@ -45,6 +45,65 @@ def _read_lines(path: str, what: str) -> list[str]:
     return lines
 
 
+def _classnames_path(spec: str) -> str | None:
+    """The classnames.txt that read_zeroshot_files reads for ``spec`` (the first shard's directory, else its
+    parent), or None when it cannot be located."""
+    import pyprotoclip.data as pdata
+
+    try:
+        d = os.path.dirname(os.path.abspath(pdata.expand_shards(spec)[0]))
+    except (FileNotFoundError, ValueError):
+        return None
+    for cand in (d, os.path.dirname(d)):
+        if os.path.isfile(os.path.join(cand, "classnames.txt")):
+            return os.path.join(cand, "classnames.txt")
+    return None
+
+
+def _name_key(name: str) -> str:
+    return " ".join(name.replace("_", " ").split()).casefold()
+
+
+def probe_label_map(train_names: list[str] | None, eval_names: list[str] | None, train_labels: torch.Tensor,
+                    eval_labels: torch.Tensor, *, train_file: str, eval_file: str) -> list[int] | None:
+    """How the linear probe's training labels become evaluation labels: None when they already agree (the same
+    class names in the same order, or neither set has names), else ``new[i]`` for training label i, matched by
+    class name ('_' as spaces, case ignored); a training class absent from the evaluation names gets an index past
+    them (predicting it is always wrong). BadDataError (one line naming --train-data and both files) when no name
+    matches, or when one set has names and the other, without, has labels outside them."""
+    # a data error: the CLI prints one line, no usage text
+    from pyprotoclip.data.pipeline import BadDataError
+
+    t_max = int(train_labels.max()) if train_labels.numel() else -1
+    e_max = int(eval_labels.max()) if eval_labels.numel() else -1
+    if train_names is None and eval_names is None:
+        return None
+    if train_names is None or eval_names is None:
+        named, names, other_max = ("evaluation", eval_names, t_max) if train_names is None else ("training", train_names, e_max)
+        if other_max >= len(names):
+            have, lack = (eval_file, train_file) if train_names is None else (train_file, eval_file)
+            raise BadDataError(f"train-data: {have} (the {named} data) has {len(names)} class names but the other set, "
+                               f"without {lack}, has label {other_max}; the labels of --train-data and the evaluation "
+                               "data cannot be matched: write a classnames.txt beside both")
+        return None
+    if list(train_names) == list(eval_names):
+        return None
+    if t_max >= len(train_names):
+        raise BadDataError(f"train-data: label {t_max} of --train-data is outside its {train_file} ({len(train_names)} names)")
+    pos = {_name_key(n): i for i, n in enumerate(eval_names)}
+    if not any(_name_key(n) in pos for n in train_names):
+        raise BadDataError(f"train-data: no class name of {train_file} (--train-data) is in {eval_file} (the evaluation data), "
+                           "so the linear probe's labels cannot be matched")
+    new, extra = [], len(eval_names)
+    for n in train_names:
+        if _name_key(n) in pos:
+            new.append(pos[_name_key(n)])
+        else:
+            new.append(extra)
+            extra += 1
+    return new
+
+
 def _feature_progress(say: Callable[[str], None] | None, what: str, total: int | None) -> Callable[[int], None] | None:
     """extract_features' callback: ``say`` a line (samples done, rate, ETA) when 30 s passed since the last."""
     if say is None:
@@ -120,6 +179,8 @@ def evaluate(
     tested on ``data``; without it, on a split of ``data``. When evaluation classes have no sample among
     those training samples (class-sorted shards cut short), a one-line warning says how many, and the
     results name ``linear_probe_train_classes`` and ``linear_probe_missing_classes``.
+    When both sets have class names and they differ, the training labels are matched to the evaluation set's by
+    name (:func:`probe_label_map`; results: ``linear_probe_labels``).
     out_dir defaults to the run directory when the checkpoint lies in ``<run>/checkpoints/``,
     else the checkpoint's directory. ``progress(line)``: a line about the feature extraction at least
     every 30 s while it runs; ``warn(line)``: a warning about the results (default: logged). Returns
@@ -157,9 +218,28 @@ def evaluate(
                                        progress=_feature_progress(progress, "train-data", cap or getattr(tloader, "num_samples", None)))
         if not bool((probe_train["labels"] >= 0).any()):
             raise ValueError(f"train-data: no sample of {train_data!r} has a class label; the linear probe needs labels")
+    probe_relabel, matched = None, {}
+    if probe_train is not None:
+        eval_file = classnames_file or _classnames_path(data) or f"the classnames.txt beside {data!r}"
+        train_file = _classnames_path(train_data) or f"the classnames.txt beside {train_data!r}"
+        try:
+            train_names, _ = pdata.read_zeroshot_files(train_data)
+        except FileNotFoundError:
+            train_names = None
+        train_labels = probe_train["labels"]
+
+        def probe_relabel(eval_labels: torch.Tensor) -> torch.Tensor | None:
+            lab = train_labels[train_labels >= 0]
+            new = probe_label_map(train_names, classnames, lab, eval_labels[eval_labels >= 0],
+                                  train_file=train_file, eval_file=eval_file)
+            if new is None:
+                return None
+            matched.update(train=train_file, eval=eval_file)
+            table = torch.tensor(new, dtype=torch.long)
+            return torch.where(train_labels >= 0, table[train_labels.clamp(min=0)], train_labels)
     metrics, details = evaluate_model(
         model, loader, tokenizer=tokenizer, device=device, classnames=classnames, templates=templates, linear_probe=True,
-        probe_test_fraction=probe_test_fraction, probe_c=probe_c, probe_train=probe_train, seed=seed,
+        probe_test_fraction=probe_test_fraction, probe_c=probe_c, probe_train=probe_train, probe_relabel=probe_relabel, seed=seed,
         progress=_feature_progress(progress, "data", getattr(loader, "num_samples", None)),
     )
     skipped = []
@@ -173,6 +253,9 @@ def evaluate(
     results.update(metrics)
     if train_data:
         results["linear_probe_train_data"] = train_data
+        if matched:
+            results["linear_probe_labels"] = (f"matched by name: {matched['train']} (--train-data) onto {matched['eval']} "
+                                              "(the evaluation data)")
         warning = probe_coverage_warning(results, train_num_samples)
         if warning:
             (warn or log.warning)(warning)
@@ -239,8 +322,9 @@ def format_notes(results: dict[str, Any]) -> list[str]:
     """One line each: how the linear probe and retrieval were measured, and what was skipped and why."""
     notes = []
     if "linear_probe_protocol" in results:
+        labels = "; training labels matched to the evaluation data's by class name" if "linear_probe_labels" in results else ""
         notes.append(f"linear probe: {results['linear_probe_protocol']} ({results['linear_probe_num_train']} training, "
-                     f"{results['linear_probe_num_test']} test samples)")
+                     f"{results['linear_probe_num_test']} test samples{labels})")
     if "retrieval_distinct_captions" in results:
         notes.append(f"retrieval: {results['retrieval_distinct_captions']} distinct captions among "
                      f"{results['retrieval_num_captions']}; a caption with the same text as the query's counts as correct")

@@ -48,6 +48,7 @@ def evaluate_model(
     probe_test_fraction: float = 0.5,
     probe_c: float | None = None,
     probe_train: dict[str, Any] | None = None,
+    probe_relabel: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     loss_batch_size: int | None = None,
     seed: int = 0,
     consistency_ks: Sequence[int] = CONSISTENCY_KS,
@@ -107,8 +108,11 @@ def evaluate_model(
                                           classifier=w if "zeroshot" in details else None))
     if linear_probe and labelled:
         if probe_train is not None:
-            probe = linear_probe_train_test(probe_train["image_features"], probe_train["labels"], feats["image_features"],
-                                            labels, C=probe_c, seed=seed)
+            # probe_relabel(evaluation labels): the training labels in the evaluation set's numbering, or None if they agree
+            train_labels = probe_relabel(labels) if probe_relabel is not None else None
+            probe = linear_probe_train_test(probe_train["image_features"],
+                                            probe_train["labels"] if train_labels is None else train_labels,
+                                            feats["image_features"], labels, C=probe_c, seed=seed)
         elif len(torch.unique(labels[labels >= 0])) < 2:
             probe = None
             skipped.append("linear probe (the evaluation data has a single class; give a training split)")

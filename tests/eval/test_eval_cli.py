@@ -251,3 +251,88 @@ def test_feature_extraction_progress_lines_every_30_s(monkeypatch, tmp_path, fak
     assert r.exit_code == 0, r.output
     assert "data: image and text features of 32/64 samples" in r.stderr and "features" not in r.stdout.split("{", 1)[0]
     json.loads(r.stdout)
+
+
+def test_eval_probe_matches_training_labels_to_the_evaluation_classnames_by_name(tmp_path, fake_pdata, monkeypatch):
+    # --train-data has a class the evaluation data lacks ("blue"), so from-folder numbered its classes differently:
+    # the evaluation data's c0..c3 are labels 1..4 there
+    import pyprotoclip.data as pdata
+
+    state = {"names": ["blue", "c0", "c1", "c2", "c3"], "shift": 1}
+
+    def names(spec):
+        if spec != "faketrain":
+            return fake_data.read_zeroshot_files(spec)
+        if state["names"] is None:
+            raise FileNotFoundError("no classnames.txt")
+        return list(state["names"]), ["a photo of {}."]
+
+    def shifted(cfg, **kw):
+        loader = fake_data.build_loader(cfg, **kw)
+        if cfg.flag != "train-data":
+            return loader
+
+        class Shifted:
+            num_samples = loader.num_samples
+
+            def __iter__(self):
+                for batch in loader:
+                    yield {**batch, "label": batch["label"] + state["shift"]}
+
+        return Shifted()
+
+    monkeypatch.setattr(pdata, "read_zeroshot_files", names)
+    monkeypatch.setattr(pdata, "build_loader", shifted)
+    path, _ = _checkpoint(tmp_path)
+    args = ["eval", "--checkpoint", str(path), "--data", "fake", "--workers", "0", "--batch-size", "16", "--no-plot",
+            "--train-data", "faketrain", "--train-num-samples", "0", "--probe-c", "1"]
+
+    def last() -> dict:
+        return json.loads((tmp_path / "run" / "results.jsonl").read_text().splitlines()[-1])
+
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    matched = last()
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("linear probe:"))
+    assert "training labels matched to the evaluation data's by class name" in line
+    assert matched["linear_probe_labels"].startswith("matched by name:") and "(--train-data)" in matched["linear_probe_labels"]
+    # the same numbering on both sides: unchanged, and the same score as the matched run
+    state.update(names=["c0", "c1", "c2", "c3"], shift=0)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    same = last()
+    assert "linear_probe_labels" not in same and "by class name" not in r.output
+    assert matched["linear_probe_top1"] == same["linear_probe_top1"] > 0.5
+    assert matched["linear_probe_missing_classes"] == 0
+    # no name in common, or names on one side only while the labels run past them: a one-line error
+    for names_, shift, want in ((["x", "y", "z", "v", "w"], 1, "no class name of"),
+                                (None, 1, "has 4 class names but the other set")):
+        state.update(names=names_, shift=shift)
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1, r.output
+        out = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert len(out) == 1 and out[0].startswith("Error: train-data:") and want in out[0], r.output
+        assert "--train-data" in out[0] and out[0].count("classnames.txt") >= 2, out[0]
+
+
+def test_probe_label_map_by_name_and_the_classnames_file_found(tmp_path):
+    from pyprotoclip.data.pipeline import BadDataError
+    from pyprotoclip.eval.evaluate import _classnames_path, probe_label_map
+
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "00000.tar").write_bytes(b"")
+    (tmp_path / "val" / "classnames.txt").write_text("green\nred\n")
+    assert _classnames_path(str(tmp_path / "val" / "00000.tar")) == str(tmp_path / "val" / "classnames.txt")
+    assert _classnames_path(str(tmp_path / "nope" / "00000.tar")) is None
+    lab = torch.tensor([0, 1, 2])
+    kw = {"train_file": "train/classnames.txt", "eval_file": "val/classnames.txt"}
+    # the training set's extra class gets an index past the evaluation names; '_' vs space and case are ignored
+    assert probe_label_map(["blue", "Green", "red"], ["green", "red"], lab, torch.tensor([0, 1]), **kw) == [2, 0, 1]
+    assert probe_label_map(["sky_blue", "red"], ["red", "sky blue"], torch.tensor([0, 1]), torch.tensor([0, 1]), **kw) == [1, 0]
+    assert probe_label_map(["a", "b", "c"], ["a", "b", "c"], lab, lab, **kw) is None  # same names, same order: unchanged
+    assert probe_label_map(None, None, lab, lab, **kw) is None
+    assert probe_label_map(None, ["a", "b", "c"], lab, lab, **kw) is None  # labels within the names: unchanged
+    with pytest.raises(BadDataError, match="has 2 class names but the other set"):
+        probe_label_map(["a", "b"], None, torch.tensor([0, 1]), lab, **kw)
+    with pytest.raises(BadDataError, match="no class name of train/classnames.txt .--train-data. is in val/classnames.txt"):
+        probe_label_map(["x", "y"], ["a", "b"], torch.tensor([0, 1]), torch.tensor([0, 1]), **kw)
