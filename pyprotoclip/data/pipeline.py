@@ -173,7 +173,7 @@ def read_zeroshot_files(shard_spec: str) -> tuple[list[str], list[str]]:
 
 
 def _read_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         return [line.strip() for line in f if line.strip()]
 
 

@@ -38,7 +38,7 @@ def probe_coverage_warning(results: dict[str, Any], train_num_samples: int | Non
 def _read_lines(path: str, what: str) -> list[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what}: no such file {path!r}")
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:  # a leading BOM (Notepad) is not part of the first line
         lines = [line.strip() for line in f if line.strip()]
     if not lines:
         raise ValueError(f"{what}: {path!r} is empty")

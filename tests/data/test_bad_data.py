@@ -447,3 +447,12 @@ def test_eval_over_shards_without_a_usable_sample_names_them(tmp_path):
     with pytest.raises(BadDataError, match=r"^data: no usable sample in 2 shard\(s\); 6 of 6 samples bad \(bad_image 6\); "
                                            r"worst shards: .*0000[01]\.tar \(3 bad, bad_image: "):
         list(loader)
+
+
+def test_class_files_beside_the_shards_may_start_with_a_bom(tmp_path):
+    from pyprotoclip.data.pipeline import read_zeroshot_files
+
+    spec = write_good_shards(str(tmp_path), 1, 2)
+    (tmp_path / "classnames.txt").write_bytes("\ufeffred circle\nblue square\n".encode("utf-8"))
+    (tmp_path / "templates.txt").write_bytes("\ufeffa photo of a {}.\n".encode("utf-8"))
+    assert read_zeroshot_files(spec) == (["red circle", "blue square"], ["a photo of a {}."])
