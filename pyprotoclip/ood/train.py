@@ -386,14 +386,18 @@ def run(p: dict[str, Any], *, data: Any = None) -> dict[str, Any]:
              p["loss"], p["backbone"], r.num_classes, r.world, r.device, spe, p["epochs"], p["batch_size"] * r.world)
     log.info("model parameters: %.2fM", sum(x.numel() for x in r.net.parameters()) / 1e6)
     step_t, t0, stopped, start_step = Meter(), time.time(), False, r.step
+    # SIGTERM / SIGUSR1 / a first Ctrl-C: stop at the next step boundary, resumably, as `train` does
+    r.preemption = policy.Preemption(torch.distributed.new_group(backend="gloo") if pdist.is_distributed() else None)
+    r.preemption.install()
     try:
         for epoch in range(r.step // spe, p["epochs"]):
             stopped = _train_epoch(r, epoch, step_t)
             if stopped:
                 break
-            r.save(policy.checkpoints_after_epoch(p, epoch + 1, r.step), epoch + 1)
-            if policy.stop_reached(p, r.step) and epoch + 1 < p["epochs"]:
-                log.info("stopping after step %d as asked (--stop-after-steps); resume with --resume latest", r.step)
+            preempted = r.preemption.requested()
+            r.save(policy.checkpoints_after_epoch(p, epoch + 1, r.step, preempted=preempted), epoch + 1)
+            if (preempted or policy.stop_reached(p, r.step)) and epoch + 1 < p["epochs"]:
+                _log_stop(r, preempted)
                 stopped = True
                 break
         wall = time.time() - t0
@@ -408,7 +412,14 @@ def run(p: dict[str, Any], *, data: Any = None) -> dict[str, Any]:
         summary.update(net=r.net, loss_fn=r.loss_fn)
         return summary
     finally:
+        r.preemption.uninstall()
         r.results.close()
+
+
+def _log_stop(r: _Run, preempted: bool) -> None:
+    why = f"{r.preemption.signal} received" if preempted else "--stop-after-steps"
+    log.info("stopping after step %d (%s): checkpoints/%s is resumable; continue with the same command plus "
+             "--resume latest", r.step, why, policy.LATEST)
 
 
 def _train_epoch(r: _Run, epoch: int, step_t: Meter) -> bool:
@@ -472,11 +483,12 @@ def _train_epoch(r: _Run, epoch: int, step_t: Meter) -> bool:
                 clock.mark()
             if last_in_epoch:
                 break
-            names = policy.checkpoints_after_step(p, r.step)
+            preempted = r.preemption.requested()  # the same answer on every rank (one gloo all-reduce)
+            names = policy.checkpoints_after_step(p, r.step, preempted=preempted)
             if names:
                 r.save(names, epoch)
-            if policy.stop_reached(p, r.step):
-                log.info("stopping after step %d as asked (--stop-after-steps); resume with --resume latest", r.step)
+            if preempted or policy.stop_reached(p, r.step):
+                _log_stop(r, preempted)
                 return True
         return False
     finally:

@@ -115,3 +115,33 @@ def test_disk_full_keeps_the_previous_ood_checkpoint(train_params, monkeypatch, 
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith(f"could not write checkpoint {latest}: No space left on device"), msg
     assert f"the previous checkpoint {latest} (step 1) is intact" in msg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_saves_a_resumable_checkpoint_and_exits_0(ood_data, tmp_path, sig):
+    """As `train`: SIGTERM / SIGUSR1 / a first Ctrl-C finish the step, write epoch_latest.pt and exit 0."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "pyprotoclip", "ood", "train", "--train-data", ood_data["train"], "--backbone", "tiny-rn",
+           "--batch-size", "8", "--epochs", "100", "--workers", "0", "--precision", "fp32", "--k", "2",
+           "--cache-size", "2", "--log-every-n-steps", "1", "--logs", str(tmp_path), "--name", "run", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines, deadline = [], time.time() + 240
+    for line in proc.stdout:
+        lines.append(line)
+        if "Train Epoch" in line:
+            proc.send_signal(getattr(signal, sig))
+            break
+        assert time.time() < deadline, "".join(lines[-20:])
+    out = "".join(lines) + proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert f"{sig} received" in out and "--resume latest" in out
+    from pyprotoclip.checkpoint import load_checkpoint
+
+    state = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "epoch_latest.pt"))
+    assert 1 <= state["step"] < 1200
