@@ -130,6 +130,7 @@ def test_a_stop_signal_saves_a_resumable_checkpoint_and_exits_0(ood_data, tmp_pa
            "--batch-size", "8", "--epochs", "100", "--workers", "0", "--precision", "fp32", "--k", "2",
            "--cache-size", "2", "--log-every-n-steps", "1", "--logs", str(tmp_path), "--name", "run", "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines, deadline = [], time.time() + 240
     for line in proc.stdout:

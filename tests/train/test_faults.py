@@ -24,13 +24,19 @@ def shards(tmp_path_factory):
     return write_synthetic_dataset(str(out), 64, num_val=0, num_ood=0, samples_per_shard=64, progress=False, processes=1)
 
 
+def _sigint_default() -> None:
+    """In the child before exec: SIGINT as in a terminal, whatever launched the tests (a background job starts with
+    SIGINT ignored, and a process started so keeps ignoring it, by design)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_a_preemption_signal_saves_a_resumable_checkpoint_and_exits_0(shards, tmp_path, sig):
     cmd = [sys.executable, "-m", "pyprotoclip", "train", "--train-data", shards["train_shards"], "--model", "tiny-vit",
            "--batch-size", "8", "--epochs", "100", "--workers", "0", "--warmup", "1", "--precision", "fp32",
            "--log-every-n-steps", "1", "--logs", str(tmp_path), "--name", "run", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_sigint_default,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = []
     deadline = time.time() + 240
@@ -54,6 +60,8 @@ def test_a_preemption_signal_saves_a_resumable_checkpoint_and_exits_0(shards, tm
 def test_a_second_sigint_aborts_at_once_without_saving(caplog):
     from pyprotoclip.train.policy import Preemption
 
+    # as in a terminal, whatever launched the tests (a background job starts with SIGINT ignored, which stays so)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     pre = Preemption().install()
     try:
         assert signal.getsignal(signal.SIGINT) == pre._record
@@ -63,7 +71,9 @@ def test_a_second_sigint_aborts_at_once_without_saving(caplog):
             pre._record(signal.SIGINT, None)
     finally:
         pre.uninstall()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        restored = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, previous)
+    assert restored is signal.default_int_handler
     assert "press Ctrl-C again" in caplog.text and "nothing more was saved" in caplog.text
 
 
