@@ -31,6 +31,7 @@ before its epoch's batches raises :class:`BadDataError` naming the damaged shard
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import logging
@@ -99,10 +100,11 @@ def _is_url(path: str) -> bool:
 
 
 def expand_shards(spec: str, flag: str = "shards") -> list[str]:
-    """Expand '::'-joined brace specs ("a/{000..009}.tar::b/x.tar") into a list of shard paths.
+    """Expand '::'-joined brace specs ("a/{000..009}.tar::b/x.tar") into a list of shard paths; a local part with
+    ``*`` or ``?`` is a glob (sorted matches, "dir/*.tar").
 
     Local paths are checked to exist (FileNotFoundError naming the missing ones, the first few and a count, after
-    ``flag``); URLs (pipe:, http://, ...) are not.
+    ``flag``; a directory gets the spec of the shards in it as a hint); URLs (pipe:, http://, ...) are not.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"{flag}: expected a non-empty shard spec such as 'dir/{{00000..00009}}.tar', got {spec!r}")
@@ -111,11 +113,21 @@ def expand_shards(spec: str, flag: str = "shards") -> list[str]:
         part = part.strip()
         if not part:
             raise ValueError(f"{flag}: empty part in shard spec {spec!r} (parts are joined by '::')")
-        shards.extend(braceexpand.braceexpand(os.path.expanduser(part)))
+        for path in braceexpand.braceexpand(os.path.expanduser(part)):
+            if not _is_url(path) and any(c in path for c in "*?") and not os.path.exists(path):
+                shards.extend(sorted(glob.glob(path)) or [path])  # no match: reported as missing below
+            else:
+                shards.append(path)
     missing = [s for s in shards if not _is_url(s) and not os.path.isfile(s)]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise FileNotFoundError(f"{flag}: {len(missing)} of {len(shards)} shard(s) not found: {', '.join(missing[:3])}{more} (from {spec!r})")
+        hint = ""
+        if os.path.isdir(missing[0]):
+            tars = sorted(n for n in os.listdir(missing[0]) if n.endswith(".tar"))
+            hint = (f"; {missing[0]} is a directory: name its shards, e.g. '{os.path.join(missing[0], '*.tar')}'"
+                    if tars else f"; {missing[0]} is a directory with no .tar shards")
+        raise FileNotFoundError(f"{flag}: {len(missing)} of {len(shards)} shard(s) not found: {', '.join(missing[:3])}{more} "
+                                f"(from {spec!r}){hint}")
     return shards
 
 

@@ -41,6 +41,17 @@ def test_expand_shards_missing_file_names_it(tmp_path):
         expand_shards(str(tmp_path / "{00000..00002}.tar"))
 
 
+def test_expand_shards_globs_and_a_directory_hint(tmp_path):
+    write_good_shards(str(tmp_path / "a"), 3, 2)
+    shards = expand_shards(str(tmp_path / "a" / "*.tar"))
+    assert [os.path.basename(s) for s in shards] == ["00000.tar", "00001.tar", "00002.tar"]  # sorted matches
+    with pytest.raises(FileNotFoundError, match=r"not found: .*nothing\*\.tar"):
+        expand_shards(str(tmp_path / "a" / "nothing*.tar"))
+    with pytest.raises(FileNotFoundError, match=r"is a directory: name its shards, e\.g\. '.*a/\*\.tar'") as info:
+        expand_shards(str(tmp_path / "a"), "val-data")
+    assert str(info.value).startswith("val-data: 1 of 1 shard(s) not found: ") and "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("spec", ["", "  ", "a.tar::"])
 def test_expand_shards_empty_spec(spec):
     with pytest.raises(ValueError, match="shards"):
