@@ -84,6 +84,9 @@ def _report(summary: dict, as_json: bool) -> None:
         if without:
             more = f", ... ({len(without)} in all)" if len(without) > 5 else ""
             click.echo(f"{_count(len(without), 'class', 'classes')} without images: {', '.join(without[:5])}{more}")
+    if summary.get("images_at_root"):
+        click.echo(f"{_count(summary['images_at_root'], 'image', 'images')} directly under --root left out: an image's class is "
+                   "the folder it is in (ROOT/<class name>/<images>)")
     if "order" in summary:
         click.echo("order: " + ("as listed" if summary["order"] == "input" else f"shuffled across shards ({summary['order']})"))
 

@@ -370,7 +370,9 @@ def write_from_folder(root: str, out_dir: str, *, samples_per_shard: int = 1000,
 
     Class names are the folder names with '_' as spaces. Labels are the index of the folder name in sorted
     (alphabetical, code-point) order, or its line in ``classnames_file`` when given (which must name every folder and
-    may name classes without images: they keep their line as label, listed in ``summary["classes_without_images"]``);
+    may name classes without images: they keep their line as label; these and empty class folders are listed in
+    ``summary["classes_without_images"]``; images directly under ``root`` have no class and are left out, counted in
+    ``summary["images_at_root"]``);
     classnames.txt lists the names in label order. An image's caption is the first non-empty line of
     its caption file (``img.jpg`` + ``img.txt``) when it has one, all its lines kept in ``<key>.json`` as
     {"captions": [...]} when there are several; otherwise a template filled with the class name, picked by the
@@ -385,9 +387,11 @@ def write_from_folder(root: str, out_dir: str, *, samples_per_shard: int = 1000,
         order, ordered = folder_class_order(folders, classnames_file, root)
         for ci, li in enumerate(order):
             ordered[li] = names[ci]
-        without = [ordered[li] for li in sorted(set(range(len(ordered))) - set(order))]
         names = ordered
         items = [(p, order[ci]) for p, ci in items]
+    with_images = {ci for _, ci in items}
+    without = [names[li] for li in range(len(names)) if li not in with_images]  # an empty folder, or a name in the file
+    at_root = [f for f in os.listdir(root) if f.lower().endswith(IMAGE_FILE_EXTS) and os.path.isfile(os.path.join(root, f))]
     rows: list[tuple[str, str, str, int, dict[str, Any]]] = []
     own = empty_files = 0
     for i, (path, ci) in enumerate(items):
@@ -408,6 +412,7 @@ def write_from_folder(root: str, out_dir: str, *, samples_per_shard: int = 1000,
     _write_zeroshot_files(summary["out_dir"], names, templates)
     summary["classnames"] = names
     summary["classes_without_images"] = without
+    summary["images_at_root"] = len(at_root)
     summary["own_captions"] = own
     summary["empty_caption_files"] = empty_files
     summary["order"] = "input" if seed is None else f"seed {seed}"

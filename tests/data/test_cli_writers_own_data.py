@@ -223,6 +223,20 @@ def test_from_folder_classnames_with_classes_without_images(tmp_path):
     assert json.loads(r.output)["classes_without_images"] == ["blue"]
 
 
+def test_from_folder_says_which_folders_are_empty_and_which_images_have_no_class(tmp_path):
+    root = tmp_path / "photos"
+    make_folder(root, {"cat": 2, "dog": 1})
+    (root / "empty").mkdir()
+    save_image(root / "stray.png", 7)  # directly under the root: no class
+    out = tmp_path / "shards"
+    r = run("from-folder", "--root", str(root), "--out", str(out), "--quiet")
+    assert r.exit_code == 0, r.output
+    assert (out / "classnames.txt").read_text() == "cat\ndog\nempty\n"
+    assert "1 class without images: empty" in r.output
+    assert "1 image directly under --root left out" in r.output
+    assert sorted(s["cls"] for s in samples(out)[0]) == ["0", "0", "1"]
+
+
 def test_help_says_how_labels_are_made():
     out = " ".join(run("from-folder", "--help").output.split())
     assert "alphabetical" in out and "--classnames" in out and "img.jpg + img.txt" in out and "--keep-order" in out
