@@ -774,14 +774,18 @@ class Loader:
     """Iterable over dict batches {"image" (B,3,H,W) float, "text" (B,L) long, "label" (B,) long (-1: no cls),
     "caption" list[str], "key" list[str]}.
 
-    num_samples: samples per epoch (global). num_batches: batches per rank per epoch (train: exact; eval: from
-    sizes.json when every shard is listed there, else an estimate). stats(): counts summed over workers.
+    num_samples: samples per epoch (global; train: whole batches). data_samples: the samples the epoch was asked
+    for (sizes.json or --train-num-samples) before rounding up to whole batches. num_batches: batches per rank per
+    epoch (train: exact; eval: from sizes.json when every shard is listed there, else an estimate). stats(): counts
+    summed over workers.
     """
 
-    def __init__(self, stream: WebDatasetStream, dataloader: DataLoader, num_samples: int, num_batches: int):
+    def __init__(self, stream: WebDatasetStream, dataloader: DataLoader, num_samples: int, num_batches: int,
+                 data_samples: int | None = None):
         self.stream = stream
         self.dataloader = dataloader
         self.num_samples = num_samples
+        self.data_samples = num_samples if data_samples is None else data_samples
         self.num_batches = num_batches
         self.start_batch = stream.start_batch
         self._stats: dict[int, dict[str, int]] = {}
@@ -991,4 +995,4 @@ def build_loader(cfg: DataConfig, *, preprocess: Callable[[Image.Image], torch.T
     gen = torch.Generator().manual_seed(_seed_of(cfg.seed, epoch, rank, 5))
     dataloader = DataLoader(stream, batch_size=None, shuffle=False, num_workers=0 if cfg.workers == 0 else W,
                             persistent_workers=False, pin_memory=torch.cuda.is_available(), generator=gen)
-    return Loader(stream, dataloader, loader_samples, num_batches)
+    return Loader(stream, dataloader, loader_samples, num_batches, data_samples=num_samples)

@@ -233,6 +233,11 @@ def build_run(p: dict[str, Any], *, data: Any = None) -> TrainRun:
             f"train-data: an epoch has {run.first_loader.num_batches} batches per process, fewer than --accum-freq "
             f"{p['accum_freq']}; use more samples or a smaller --batch-size"
         )
+    samples = getattr(run.first_loader, "data_samples", None)
+    if samples and p["batch_size"] * run.world > samples:
+        log.warning("a batch of %d (--batch-size %d x %d process(es)) is larger than the %d samples of an epoch: batches "
+                    "repeat samples, and a repeated image-caption pair is a false negative of the contrastive loss; pass a "
+                    "smaller --batch-size", p["batch_size"] * run.world, p["batch_size"], run.world, samples)
     if p["warmup"] > run.total_steps:  # scheduler.lr_at: step s (0-based) runs at --lr * (s + 1) / --warmup
         log.warning("--warmup %d is longer than the whole run (%d optimizer steps): the learning rate never "
                     "reaches --lr %g; pass a smaller --warmup", p["warmup"], run.total_steps, p["lr"])

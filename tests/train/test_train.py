@@ -219,6 +219,22 @@ def test_the_warmup_warning_matches_the_schedule(fake_train, warmup, warns):
     assert (max(lrs) < 1.0) == warns
 
 
+@pytest.mark.parametrize("batch_size, warns", [(6, False), (8, True)])
+def test_a_batch_larger_than_the_epoch_warns(tmp_path, batch_size, warns):
+    from click.testing import CliRunner
+
+    from pyprotoclip.cli import main
+    from tests.data.helpers import write_good_shards
+
+    spec = write_good_shards(str(tmp_path / "d"), 1, 6)  # 6 samples
+    r = CliRunner().invoke(main, ["train", "--train-data", spec, "--model", "tiny-vit", "--batch-size", str(batch_size),
+                                  "--epochs", "1", "--workers", "0", "--precision", "fp32", "--warmup", "1", "--threads", "1",
+                                  "--logs", str(tmp_path / "logs"), "--name", "b", "--save-frequency", "0"])
+    assert r.exit_code == 0, r.output
+    log = open(tmp_path / "logs" / "b" / "out.log").read()
+    assert (f"a batch of {batch_size} (--batch-size {batch_size} x 1 process(es)) is larger than the 6 samples" in log) == warns
+
+
 def test_resume_removes_the_rows_written_after_its_checkpoint(fake_train):
     """A run killed after its last checkpoint wrote rows the resumed run writes again (and maybe half a line):
     they go; eval rows stay; results.jsonl then reads as one run's."""
