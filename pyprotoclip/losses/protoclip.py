@@ -362,6 +362,13 @@ class ProtoCLIPMethod(Method):
         K, seed = p["num_prototypes"], p["seed"] * 1_000_003 + episode * 7
         ids, _, samples = self._episode_samples(episode, ctx.rank, ctx.world_size, ctx.preprocess,
                                                 purpose=PURPOSE_EXTRACT, epoch=episode)
+        row: dict[str, Any] = {}
+        if self.streaming:  # this process's share of the shard-level draw, streamed into its spool
+            spooled = samples.index.stats
+            row.update(spool_s=time.time() - t0, spool_shards_read=spooled.get("shards", 0),
+                       spool_bad_samples=spooled.get("bad_samples", 0))
+            ctx.log.info("episode %d: spooled %d samples from %d shard draw(s) in %.1fs (%d bad skipped)", episode,
+                         len(samples), row["spool_shards_read"], row["spool_s"], row["spool_bad_samples"])
         loader = EpisodeLoader(samples, torch.arange(len(samples)), batch_size=p["batch_size"], tokenize=ctx.tokenize,
                                workers=p["workers"], drop_last=False)
         ctx.log.info("episode %d: extracting the features of %d samples (%d on this process)", episode,
@@ -384,7 +391,6 @@ class ProtoCLIPMethod(Method):
 
             pdist.all_reduce_sum(image_counts)
             pdist.all_reduce_sum(text_counts)
-        row: dict[str, Any] = {}
         if p["external_teacher"]:
             external = self._external_clusters(ctx, episode, feats["index"], K, seed + 2)
             st.external_labels = external.labels

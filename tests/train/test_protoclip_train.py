@@ -146,6 +146,7 @@ def test_streaming_shards_get_a_shard_level_draw_and_resume_exactly(shards, tmp_
     assert os.listdir(cache) == ["episode-00000-rank000"]
     (episode,) = _rows(s["run_dir"], "episode")
     assert episode["episode"] == 0 and len(episode["objective_image"]) == 5
+    assert episode["spool_shards_read"] >= 1 and episode["spool_bad_samples"] == 0 and episode["spool_s"] > 0
     _train(_params(shards, tmp_path, name="cut", stop_after_steps=6, **piped))
     import shutil
 
