@@ -31,7 +31,7 @@ from pyprotoclip.ops import skip_value_checks
 from pyprotoclip.progress import ProgressClock, eta_seconds, format_duration
 from pyprotoclip.train import policy
 from pyprotoclip.train.faults import (BufferSnapshot, NonFiniteGuard, TrainingError, checkpoint_write_error,
-                                      gradient_norm, nonfinite_flags, read_flags)
+                                      step_unless_nonfinite)
 from pyprotoclip.train.params import bad_fraction_limit
 from pyprotoclip.train.reporting import Meter, Results, TermMeter, done_line, format_terms, log, setup_logging
 
@@ -335,22 +335,10 @@ class _Run:
             loss = terms["loss"]
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         terms = {k: t.detach() for k, t in terms.items()}
-        norm = None
-        if self.scaler is None:  # the GradScaler checks the gradients itself (its skips are not faults)
-            norm = gradient_norm([q.grad for q in self.net.parameters() if q.grad is not None])
-        skipped = read_flags(nonfinite_flags(terms["loss"], norm))
-        if skipped is not None:
-            buffers.restore()
-            if prototypes is not None:
-                self.loss_fn.prototypes = prototypes
-            self.optimizer.zero_grad(set_to_none=True)
-            return terms, skipped
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        return terms, None
+        skipped = step_unless_nonfinite(terms["loss"], self.net, self.optimizer, scaler=self.scaler, buffers=buffers)
+        if skipped is not None and prototypes is not None:
+            self.loss_fn.prototypes = prototypes
+        return terms, skipped
 
 
 class _LogitsModel(torch.nn.Module):

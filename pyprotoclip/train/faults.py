@@ -53,6 +53,39 @@ def gradient_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
 
 
+def step_unless_nonfinite(loss_sum: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                          scaler: torch.amp.GradScaler | None, buffers: "BufferSnapshot",
+                          grad_clip_norm: float | None = None) -> str | None:
+    """After backward: take the optimizer step, or skip it when it is non-finite. Returns None (stepped) or
+    what was non-finite ("loss" or "gradients"), the same on every rank.
+
+    ``loss_sum``: the sum of the step's micro-batch losses. Without a GradScaler the gradient norm is checked
+    too (with clipping it is the norm clipping uses, computed once); with one, only the loss: the scaler's own
+    skips of steps with inf gradients (finding its scale) are not faults. A skipped step puts ``buffers`` back
+    and clears the gradients; what else the caller changed in the step it restores itself.
+    """
+    norm = None
+    if scaler is None:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grad_clip_norm is not None else gradient_norm(grads)
+    skipped = read_flags(nonfinite_flags(loss_sum, norm))
+    if skipped is not None:
+        buffers.restore()
+        optimizer.zero_grad(set_to_none=True)
+        return skipped
+    if scaler is not None:
+        if grad_clip_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        if grad_clip_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(model.parameters(), grad_clip_norm, norm)
+        optimizer.step()
+    return None
+
+
 class BufferSnapshot:
     """Copies of a model's buffers taken before a step, put back when the step is skipped (a non-finite
     forward must not leave NaN in BatchNorm running statistics). Only modules with running statistics.

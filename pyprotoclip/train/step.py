@@ -22,7 +22,7 @@ import torch
 
 from pyprotoclip.losses import StepContext
 from pyprotoclip.ops import skip_value_checks
-from pyprotoclip.train.faults import BufferSnapshot, gradient_norm, nonfinite_flags, read_flags
+from pyprotoclip.train.faults import BufferSnapshot, step_unless_nonfinite
 
 
 def autocast_factory(precision: str, device: torch.device) -> tuple[Callable[[], Any], bool]:
@@ -118,25 +118,9 @@ def train_step(
                     terms = loss_fn(merge_outputs(cached, live, j, last=last), step_context=context)
                     backward(terms["loss"])
     terms = {name: value.detach() for name, value in terms.items()}
-    norm = None
-    if scaler is None:
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        # with clipping, the norm checked is the one clip_grad_norm_ would compute (and it is reused)
-        norm = torch.nn.utils.get_total_norm(grads) if grad_clip_norm is not None else gradient_norm(grads)
     loss_sum = losses[0] if accum == 1 else torch.stack(losses).sum()
-    skipped = read_flags(nonfinite_flags(loss_sum, norm))
+    skipped = step_unless_nonfinite(loss_sum, model, optimizer, scaler=scaler, buffers=buffers,
+                                    grad_clip_norm=grad_clip_norm)
     if skipped is not None:
-        buffers.restore()
-        optimizer.zero_grad(set_to_none=True)
         return StepResult(terms, skipped)
-    if scaler is not None:
-        if grad_clip_norm is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        if grad_clip_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(model.parameters(), grad_clip_norm, norm)
-        optimizer.step()
     return StepResult(terms)

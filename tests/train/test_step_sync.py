@@ -116,7 +116,7 @@ def test_cuda_training_steps_do_not_synchronise(fake_train, monkeypatch):
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    from pyprotoclip.train import faults, step as step_mod
+    from pyprotoclip.train import faults
 
     read_flags, flag_reads = faults.read_flags, []
 
@@ -130,6 +130,6 @@ def test_cuda_training_steps_do_not_synchronise(fake_train, monkeypatch):
 
     monkeypatch.setattr(epoch_mod._EpochLog, "write", quiet_write)
     monkeypatch.setattr(epoch_mod, "train_step", strict_step)
-    monkeypatch.setattr(step_mod, "read_flags", allowed_read)
+    monkeypatch.setattr(faults, "read_flags", allowed_read)
     s = fake_train(device="cuda", precision="amp_bf16", log_every_n_steps=1000)
     assert s["step"] == 2 and len(flag_reads) == 2
