@@ -17,8 +17,9 @@ set is a fixed linear combination of the other); this basis is used because near
 (I ~ T, the regime the regularisers push towards) make ||I^T I||^2 - 2||I^T T||^2 + ||T^T T||^2 a
 difference of large, nearly equal numbers (fp32 loses ~3 digits at a pair distance of 0.01), while
 D is small there and nothing cancels. Memory: O(d^2) saved for backward (the inputs themselves are
-saved by reference); forward and backward each hold O(N d) transients (the sum, the difference, the
-gradients), never an N x N matrix. Across ranks, ONE all-reduce of the stacked d x d matrices (plus
+saved by reference); S and D are formed a chunk of rows at a time in one buffer, so the forward
+holds O(min(N, chunk) d) transients and the backward that plus the two (N, d) gradients, never an
+N x N matrix. Across ranks, ONE all-reduce of the stacked d x d matrices (plus
 the row count) makes the terms exact on every rank; its backward sums the incoming gradients over
 ranks, so after DDP averages parameter gradients every rank's rows get exactly the gradient of the
 single-process loss on the concatenated batch. The official code instead gathers the features
@@ -41,17 +42,53 @@ from pyprotoclip.ops import checks, infonce_loss, similarity_cross_entropy
 DEFAULT_CYLAMBDA = 0.25  # the README recipe of the official code (its parser defaults to 0)
 
 
+_CHUNK_ROWS = 8192  # rows of [S D] formed at a time, in one reused buffer
+# Column blocks of [S D] whose block upper triangle is computed (torch has no syrk). 2 is
+# S^T [S D] and D^T D, 3 N d^2 multiply-adds; 4 would do 2.5 N d^2 but its smaller GEMMs measured
+# slower on a 2-thread CPU.
+_GRAM_BLOCKS = 2
+
+
+def _row_chunks(n: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + _CHUNK_ROWS, n)) for lo in range(0, n, _CHUNK_ROWS)]
+
+
+def _sign(like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([[1.0], [-1.0]], dtype=like.dtype, device=like.device)
+
+
+def _fill_sum_difference(out: torch.Tensor, image: torch.Tensor, text: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """out (r, 2d) <- [I + T, I - T] of these rows in one pass, as I + sign * T with sign = [[1], [-1]]
+    in out's dtype: bf16/fp16 rows are summed in that dtype (no rounding to the input dtype) and the
+    product with +-1 is exact."""
+    r, d = image.shape
+    torch.addcmul(image[:, None], text[:, None], sign, out=out.view(r, 2, d))
+    return out
+
+
 class _SumDifferenceGrams(torch.autograd.Function):
     """(I, T) -> (3, d, d) [S^T S, D^T D, D^T S] in ``acc_dtype``, S = I + T, D = I - T.
 
-    Saves only the inputs (by reference); the backward recomputes S and D (O(N d) transients)."""
+    All three are blocks of G = P^T P, P = [S D] (N, 2d). Only G's block upper triangle is computed:
+    with b column blocks, the b GEMMs P_a^T P[:, a:], 2 (1 + 1/b) N d^2 multiply-adds. P is formed
+    a chunk of rows at a time in one reused buffer. Saves only the inputs (by reference); the
+    backward forms P again (recomputing is cheaper than keeping 2 N d numbers alive)."""
 
     @staticmethod
     def forward(ctx, image: torch.Tensor, text: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+        n, d = image.shape
         with torch.autocast(image.device.type, enabled=False):  # called under autocast, the GEMMs stay in acc_dtype
-            i, t = image.to(acc_dtype), text.to(acc_dtype)
-            s, dm = i + t, i - t
-            grams = torch.stack([s.t() @ s, dm.t() @ dm, dm.t() @ s])
+            buf = torch.empty(min(n, _CHUNK_ROWS), 2 * d, dtype=acc_dtype, device=image.device)
+            gram = torch.empty(2 * d, 2 * d, dtype=acc_dtype, device=image.device)
+            sign = _sign(gram)
+            edges = sorted({2 * d * k // _GRAM_BLOCKS for k in range(_GRAM_BLOCKS + 1)})
+            for lo, hi in _row_chunks(n):
+                p = _fill_sum_difference(buf[: hi - lo], image[lo:hi], text[lo:hi], sign)
+                for a, b in zip(edges, edges[1:]):
+                    gram[a:b, a:].addmm_(p[:, a:b].t(), p[:, a:], beta=1 if lo else 0)
+            for a, b in zip(edges, edges[1:]):
+                gram[b:, a:b].copy_(gram[a:b, b:].t())
+            grams = torch.stack([gram[:d, :d], gram[d:, d:], gram[d:, :d]])
         ctx.save_for_backward(image, text)
         ctx.acc_dtype = acc_dtype
         return grams
@@ -59,20 +96,57 @@ class _SumDifferenceGrams(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         image, text = ctx.saved_tensors
+        n, d = image.shape
+        acc = ctx.acc_dtype
         with torch.autocast(image.device.type, enabled=False):
-            i, t = image.to(ctx.acc_dtype), text.to(ctx.acc_dtype)
-            s, dm = i + t, i - t
-            del i, t
-            g_ss, g_dd, g_ds = grad.to(ctx.acc_dtype).unbind(0)
-            # d<G, S^T S>/dS = S (G + G^T); d<G, D^T S>/dS = D G, /dD = S G^T
-            grad_s = s @ (g_ss + g_ss.t())
-            grad_s.addmm_(dm, g_ds)
-            grad_d = dm @ (g_dd + g_dd.t())
-            grad_d.addmm_(s, g_ds.t())
-            del s, dm
-        grad_text = grad_s - grad_d  # dT = dS - dD, dI = dS + dD
-        grad_image = grad_s.add_(grad_d)
+            g_ss, g_dd, g_ds = grad.to(acc).unbind(0)
+            # [dS dD] = [S D] @ [[G_ss + G_ss^T, G_ds^T], [G_ds, G_dd + G_dd^T]]; dI = dS + dD and
+            # dT = dS - dD are folded into the right factor m = [m_image m_text], so each chunk of rows
+            # is two GEMMs straight into the outputs.
+            m = torch.empty(2 * d, 2 * d, dtype=acc, device=image.device)
+            m_image, m_text = m[:, :d], m[:, d:]
+            sym_ss, sym_dd = m_text[:d], m_text[d:]
+            torch.add(g_ss, g_ss.t(), out=sym_ss)
+            torch.add(sym_ss, g_ds.t(), out=m_image[:d])
+            sym_ss.sub_(g_ds.t())
+            torch.add(g_dd, g_dd.t(), out=sym_dd)
+            torch.add(g_ds, sym_dd, out=m_image[d:])
+            torch.sub(g_ds, sym_dd, out=sym_dd)
+            grad_image = torch.empty(n, d, dtype=acc, device=image.device)
+            grad_text = torch.empty(n, d, dtype=acc, device=image.device)
+            buf = torch.empty(min(n, _CHUNK_ROWS), 2 * d, dtype=acc, device=image.device)
+            sign = _sign(buf)
+            for lo, hi in _row_chunks(n):
+                p = _fill_sum_difference(buf[: hi - lo], image[lo:hi], text[lo:hi], sign)
+                torch.mm(p, m_image, out=grad_image[lo:hi])
+                torch.mm(p, m_text, out=grad_text[lo:hi])
         return grad_image.to(image.dtype), grad_text.to(text.dtype), None
+
+
+class _CyclicForms(torch.autograd.Function):
+    """(3, d, d) [S^T S, D^T D, D^T S] -> (a, b) = (<S^T S, D^T D>_F, tr((D^T S)^2)), 0-d each.
+
+    A hand-written backward: one (3, d, d) gradient buffer instead of autograd's per-op d x d
+    temporaries (each a fresh allocation, which on CPU can cost more than the arithmetic)."""
+
+    @staticmethod
+    def forward(ctx, grams: torch.Tensor):
+        g_ss, g_dd, g_ds = grams.unbind(0)
+        scratch = torch.mul(g_ss, g_dd)
+        a = scratch.sum()
+        b = torch.mul(g_ds, g_ds.t(), out=scratch).sum()
+        ctx.save_for_backward(grams)
+        return a, b
+
+    @staticmethod
+    def backward(ctx, grad_a: torch.Tensor, grad_b: torch.Tensor):
+        (grams,) = ctx.saved_tensors
+        g_ss, g_dd, g_ds = grams.unbind(0)
+        out = torch.empty_like(grams)
+        torch.mul(g_dd, grad_a, out=out[0])
+        torch.mul(g_ss, grad_a, out=out[1])
+        torch.mul(g_ds.t(), 2 * grad_b, out=out[2])
+        return out
 
 
 def _validate(image_features: object, text_features: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +155,7 @@ def _validate(image_features: object, text_features: object) -> tuple[torch.Tens
     checks.same_device([("image_features", image), ("text_features", text)])
     if text.shape != image.shape:
         raise ValueError(f"text_features: expected shape {tuple(image.shape)} to match image_features, got {tuple(text.shape)}")
-    checks.finite("image_features", image)
-    checks.finite("text_features", text)
+    checks.finite_all([("image_features", image), ("text_features", text)])
     return image, text
 
 
@@ -114,9 +187,7 @@ def cyclic_losses(
         grams, n = flat[:-1].view(3, d, d), flat[-1].detach()
     else:
         n = image.shape[0]
-    g_ss, g_dd, g_ds = grams.unbind(0)
-    a = (g_ss * g_dd).sum()
-    b = (g_ds * g_ds.t()).sum()
+    a, b = _CyclicForms.apply(grams)
     return (a + b) / (2 * n), (a - b) / (2 * n)
 
 
