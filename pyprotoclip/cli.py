@@ -68,6 +68,7 @@ BENCHES = {
     "kmeans": "bench_kmeans.py",
     "cyclip": "bench_cyclip.py",
     "episode": "bench_episode.py",
+    "train": "bench_train.py",
 }
 
 
@@ -78,7 +79,7 @@ BENCHES = {
 @click.pass_context
 def bench(ctx: click.Context, op: str | None, args: tuple[str, ...]) -> None:
     """Run a benchmark from tools/ (source checkout): OP is one of infonce, proto_softmax (proto), kmeans,
-    cyclip, episode; ARGS (and --help) go to the script."""
+    cyclip, episode, train (against open_clip_train); ARGS (and --help) go to the script."""
     if op in (None, "-h", "--help"):
         click.echo(ctx.get_help())
         return
