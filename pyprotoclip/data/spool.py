@@ -116,6 +116,8 @@ def spool_episode(shards: Sequence[str], *, cache_dir: str, episode: int, rank: 
     BadDataError, naming the shards, when the draws give no usable sample for a whole round of draws, or when
     more than ``max_bad_fraction`` of the samples read are bad.
     """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
     log = log or logger
     final = spool_dir(cache_dir, episode, rank)
     identity = _identity(shards, episode=episode, rank=rank, world_size=world_size, seed=seed, num_samples=num_samples)

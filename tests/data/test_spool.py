@@ -117,6 +117,8 @@ def test_draws_without_any_usable_sample_are_a_one_line_bad_data_error(tmp_path)
     with pytest.raises(BadDataError, match=r"train-data: spooling episode 0 .* 0 of 5 samples: 4 shard draws in a row "
                                            r"gave no usable sample; 12 of 12 samples bad \(bad_image 12\)"):
         sp.spool_episode(shards, cache_dir=str(tmp_path / "c"), episode=0, rank=0, world_size=1, seed=0, num_samples=5)
+    with pytest.raises(ValueError, match="num_samples: expected a positive int, got 0"):
+        sp.spool_episode(shards, cache_dir=str(tmp_path / "c"), episode=0, rank=0, world_size=1, seed=0, num_samples=0)
     with pytest.raises(BadDataError, match="more than --max-bad-fraction 0.5"):
         sp.spool_episode(shards, cache_dir=str(tmp_path / "c"), episode=0, rank=0, world_size=1, seed=0, num_samples=5,
                          max_bad_fraction=0.5)
