@@ -148,7 +148,7 @@ def scalar(
             raise ValueError(f"{name}: expected a floating-point scalar, got dtype {value.dtype}")
         if value.device != device and value.device.type != "cpu":
             raise ValueError(f"{name}: expected device {device}, got {value.device}")
-        t = value.reshape(())
+        t = value if value.dim() == 0 else value.reshape(())
         if t.device != device:
             t = t.to(device)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -105,6 +105,8 @@ def infonce_loss(
     if not pdist.is_distributed(group):
         if chosen == "reference":
             loss_rows, loss_cols, _, _ = reference.symmetric_similarity_cross_entropy(image_features, text_features, scale)
+        elif not torch.compiler.is_compiling():
+            return _SymmetricLoss.apply(image_features, text_features, scale)
         else:
             loss_rows, loss_cols, _, _ = torch.ops.pyprotoclip.symmetric_similarity_cross_entropy(
                 image_features, text_features, scale
@@ -122,6 +124,32 @@ def infonce_loss(
         image_to_text = torch.ops.pyprotoclip.similarity_cross_entropy(image_features, all_text, targets, scale)[0]
         text_to_image = torch.ops.pyprotoclip.similarity_cross_entropy(text_features, all_image, targets, scale)[0]
     return 0.5 * (image_to_text.mean() + text_to_image.mean())
+
+
+class _SymmetricLoss(torch.autograd.Function):
+    """``0.5 * (loss_rows.mean() + loss_cols.mean())`` of the symmetric op as one autograd node, for eager calls.
+
+    The same kernels and the same bits as the op's registered autograd followed by the two means (forward and
+    gradients are computed by the same ops in the same order), without its per-call Python work, which is most
+    of the cost at small B. torch.compile traces the registered op instead.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, scale):
+        with torch._C._AutoDispatchBelowAutograd():
+            loss_rows, loss_cols, lse_rows, lse_cols = torch.ops.pyprotoclip.symmetric_similarity_cross_entropy(q, k, scale)
+        ctx.save_for_backward(q, k, scale, lse_rows, lse_cols)
+        return 0.5 * (loss_rows.mean() + loss_cols.mean())
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, scale, lse_rows, lse_cols = ctx.saved_tensors
+        n = q.shape[0]
+        grad_rows = (grad * 0.5).expand(n) / n  # what the mul, add and mean nodes would pass on, bit for bit
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.pyprotoclip._symmetric_similarity_cross_entropy_backward(
+                grad_rows, grad_rows, q, k, scale, lse_rows, lse_cols
+            )
 
 
 # ---- fakes and autograd for the compiled ops ---------------------------------------------------

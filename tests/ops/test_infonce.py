@@ -261,3 +261,24 @@ def test_direct_op_scale_of_shape_one_gets_gradient_of_same_shape():
     reference.similarity_cross_entropy(q.detach().double(), k.detach().double(), torch.tensor([0, 1, 2, 5]), s64)[0].sum().backward()
     assert scale.grad.shape == (1,)
     assert_close_verbose(scale.grad[0], s64.grad, atol=1e-5, name="grad scale")
+
+
+@needs_compiled
+@pytest.mark.parametrize("batch,dtype", [(1, torch.float32), (8, torch.float32), (33, torch.bfloat16), (300, torch.float32)])
+def test_infonce_eager_gives_the_bits_of_the_registered_op(batch, dtype):
+    # eager calls take one autograd node around the kernels; it must not change a bit of loss or gradients
+    image, text = _features(batch, 24, "cpu", dtype), _features(batch, 24, "cpu", dtype)
+    log_scale = torch.tensor(math.log(1 / 0.07))
+
+    def registered(i, t, ls):
+        rows, cols, _, _ = torch.ops.pyprotoclip.symmetric_similarity_cross_entropy(i, t, ls.exp())
+        return 0.5 * (rows.mean() + cols.mean())
+
+    def weighted(fn):
+        return lambda i, t, ls: 0.3 * fn(i, t, ls)
+
+    ours = _grads(weighted(lambda i, t, ls: infonce_loss(i, t, ls.exp(), backend="compiled")), image, text, log_scale)
+    theirs = _grads(weighted(registered), image, text, log_scale)
+    assert torch.equal(ours[0], theirs[0])
+    for a, b in zip(ours[1], theirs[1]):
+        assert torch.equal(a, b)
