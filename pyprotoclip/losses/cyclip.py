@@ -43,10 +43,6 @@ DEFAULT_CYLAMBDA = 0.25  # the README recipe of the official code (its parser de
 
 
 _CHUNK_ROWS = 8192  # rows of [S D] formed at a time, in one reused buffer
-# Column blocks of [S D] whose block upper triangle is computed (torch has no syrk). 2 is
-# S^T [S D] and D^T D, 3 N d^2 multiply-adds; 4 would do 2.5 N d^2 but its smaller GEMMs measured
-# slower on a 2-thread CPU.
-_GRAM_BLOCKS = 2
 
 
 def _row_chunks(n: int) -> list[tuple[int, int]]:
@@ -66,29 +62,33 @@ def _fill_sum_difference(out: torch.Tensor, image: torch.Tensor, text: torch.Ten
     return out
 
 
-class _SumDifferenceGrams(torch.autograd.Function):
-    """(I, T) -> (3, d, d) [S^T S, D^T D, D^T S] in ``acc_dtype``, S = I + T, D = I - T.
+# A large tensor can be a fresh mmap (glibc above its mmap threshold; always in the benchmarks, which
+# fix that threshold at 128 KiB so that RSS follows live memory), whose page faults and unmapping can
+# cost more than the arithmetic on a d x d matrix: the functions below allocate few buffers and
+# write into them in place.
 
-    All three are blocks of G = P^T P, P = [S D] (N, 2d). Only G's block upper triangle is computed:
-    with b column blocks, the b GEMMs P_a^T P[:, a:], 2 (1 + 1/b) N d^2 multiply-adds. P is formed
-    a chunk of rows at a time in one reused buffer. Saves only the inputs (by reference); the
-    backward forms P again (recomputing is cheaper than keeping 2 N d numbers alive)."""
+
+class _SumDifferenceGrams(torch.autograd.Function):
+    """(I, T) -> (3, d, d) [S^T S, D^T S, D^T D] in ``acc_dtype``, S = I + T, D = I - T.
+
+    With P = [S D] (N, 2d), the first two are P^T S (2d, d), one GEMM into the output, the third
+    D^T D: 3 N d^2 multiply-adds. (Computing only the upper blocks of the symmetric S^T S, D^T D in
+    smaller GEMMs does fewer multiply-adds but measured slower on a 2-thread CPU.) P is formed a chunk
+    of rows at a time in one reused buffer. Saves only the inputs (by reference); the backward forms P
+    again (cheaper than keeping 2 N d numbers alive)."""
 
     @staticmethod
     def forward(ctx, image: torch.Tensor, text: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
         n, d = image.shape
         with torch.autocast(image.device.type, enabled=False):  # called under autocast, the GEMMs stay in acc_dtype
+            grams = torch.empty(3, d, d, dtype=acc_dtype, device=image.device)
             buf = torch.empty(min(n, _CHUNK_ROWS), 2 * d, dtype=acc_dtype, device=image.device)
-            gram = torch.empty(2 * d, 2 * d, dtype=acc_dtype, device=image.device)
-            sign = _sign(gram)
-            edges = sorted({2 * d * k // _GRAM_BLOCKS for k in range(_GRAM_BLOCKS + 1)})
+            sign = _sign(buf)
             for lo, hi in _row_chunks(n):
                 p = _fill_sum_difference(buf[: hi - lo], image[lo:hi], text[lo:hi], sign)
-                for a, b in zip(edges, edges[1:]):
-                    gram[a:b, a:].addmm_(p[:, a:b].t(), p[:, a:], beta=1 if lo else 0)
-            for a, b in zip(edges, edges[1:]):
-                gram[b:, a:b].copy_(gram[a:b, b:].t())
-            grams = torch.stack([gram[:d, :d], gram[d:, d:], gram[d:, :d]])
+                beta = 1 if lo else 0
+                grams[:2].view(2 * d, d).addmm_(p.t(), p[:, :d], beta=beta)
+                grams[2].addmm_(p[:, d:].t(), p[:, d:], beta=beta)
         ctx.save_for_backward(image, text)
         ctx.acc_dtype = acc_dtype
         return grams
@@ -99,7 +99,7 @@ class _SumDifferenceGrams(torch.autograd.Function):
         n, d = image.shape
         acc = ctx.acc_dtype
         with torch.autocast(image.device.type, enabled=False):
-            g_ss, g_dd, g_ds = grad.to(acc).unbind(0)
+            g_ss, g_ds, g_dd = grad.to(acc).unbind(0)
             # [dS dD] = [S D] @ [[G_ss + G_ss^T, G_ds^T], [G_ds, G_dd + G_dd^T]]; dI = dS + dD and
             # dT = dS - dD are folded into the right factor m = [m_image m_text], so each chunk of rows
             # is two GEMMs straight into the outputs.
@@ -112,8 +112,7 @@ class _SumDifferenceGrams(torch.autograd.Function):
             torch.add(g_dd, g_dd.t(), out=sym_dd)
             torch.add(g_ds, sym_dd, out=m_image[d:])
             torch.sub(g_ds, sym_dd, out=sym_dd)
-            grad_image = torch.empty(n, d, dtype=acc, device=image.device)
-            grad_text = torch.empty(n, d, dtype=acc, device=image.device)
+            grad_image, grad_text = torch.empty(2, n, d, dtype=acc, device=image.device)  # one allocation
             buf = torch.empty(min(n, _CHUNK_ROWS), 2 * d, dtype=acc, device=image.device)
             sign = _sign(buf)
             for lo, hi in _row_chunks(n):
@@ -124,28 +123,25 @@ class _SumDifferenceGrams(torch.autograd.Function):
 
 
 class _CyclicForms(torch.autograd.Function):
-    """(3, d, d) [S^T S, D^T D, D^T S] -> (a, b) = (<S^T S, D^T D>_F, tr((D^T S)^2)), 0-d each.
-
-    A hand-written backward: one (3, d, d) gradient buffer instead of autograd's per-op d x d
-    temporaries (each a fresh allocation, which on CPU can cost more than the arithmetic)."""
+    """(3, d, d) [S^T S, D^T S, D^T D] -> (a, b) = (<S^T S, D^T D>_F, tr((D^T S)^2)), 0-d each, with a
+    hand-written backward into one (3, d, d) buffer (autograd's would allocate per op)."""
 
     @staticmethod
     def forward(ctx, grams: torch.Tensor):
-        g_ss, g_dd, g_ds = grams.unbind(0)
-        scratch = torch.mul(g_ss, g_dd)
-        a = scratch.sum()
-        b = torch.mul(g_ds, g_ds.t(), out=scratch).sum()
+        g_ss, g_ds, g_dd = grams.unbind(0)
+        a = torch.dot(g_ss.reshape(-1), g_dd.reshape(-1))
+        b = torch.mul(g_ds, g_ds.t()).sum()
         ctx.save_for_backward(grams)
         return a, b
 
     @staticmethod
     def backward(ctx, grad_a: torch.Tensor, grad_b: torch.Tensor):
         (grams,) = ctx.saved_tensors
-        g_ss, g_dd, g_ds = grams.unbind(0)
+        g_ss, g_ds, g_dd = grams.unbind(0)
         out = torch.empty_like(grams)
         torch.mul(g_dd, grad_a, out=out[0])
-        torch.mul(g_ss, grad_a, out=out[1])
-        torch.mul(g_ds.t(), 2 * grad_b, out=out[2])
+        torch.mul(g_ds.t(), 2 * grad_b, out=out[1])
+        torch.mul(g_ss, grad_a, out=out[2])
         return out
 
 
