@@ -547,17 +547,25 @@ def preprocess_seeded(preprocess: Callable, image: Image.Image, seed: int, in_wo
     draw from them): the result depends on the sample, not on the worker or on resuming. In the main process
     the caller's RNG states are restored afterwards."""
     if in_worker:
-        torch.manual_seed(seed)
-        random.seed(seed)
+        _seed_global_rngs(seed)
         return preprocess(image)
     t_state, p_state = torch.get_rng_state(), random.getstate()
     try:
-        torch.manual_seed(seed)
-        random.seed(seed)
+        _seed_global_rngs(seed)
         return preprocess(image)
     finally:
         torch.set_rng_state(t_state)
         random.setstate(p_state)
+
+
+def _seed_global_rngs(seed: int) -> None:
+    # What torch.manual_seed(seed) seeds that a transform can draw from, at a fraction of its cost (it also
+    # queues a lazy seed, with a formatted stack trace, for every accelerator type not started yet): the CPU
+    # generator, and the CUDA ones when CUDA is up in this process (as torch.manual_seed would).
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+    random.seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------- the stream
