@@ -182,6 +182,8 @@ def proto_cross_entropy(
     args = (features, prototypes, temperature, target_index, target_probs, t_feat, t_proto, t_temp)
     if _backend.choose(backend, features, "proto_cross_entropy", "features") == "reference":
         loss = reference.proto_softmax_loss(*args)[0]
+    elif not torch.compiler.is_compiling():
+        return _ProtoLoss.apply(reduction, *args)
     else:
         loss = torch.ops.pyprotoclip.proto_softmax_loss(*args)[0]
     if reduction == "mean":
@@ -189,6 +191,40 @@ def proto_cross_entropy(
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+class _ProtoLoss(torch.autograd.Function):
+    """The compiled loss and its reduction as one autograd node, for eager calls: the same kernels and the same
+    bits as the op's registered autograd followed by the reduction, without its per-call Python work (most of
+    the cost at small B and K). torch.compile traces the registered op instead."""
+
+    @staticmethod
+    def forward(ctx, reduction, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            loss, lse, teacher_lse = torch.ops.pyprotoclip.proto_softmax_loss(*args)
+        ctx.save_for_backward(*args, lse, teacher_lse)
+        ctx.reduction = reduction
+        if reduction == "mean":
+            return loss.mean()
+        if reduction == "sum":
+            return loss.sum()
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        *args, lse, teacher_lse = ctx.saved_tensors
+        n = lse.shape[0]
+        # what the mean / sum node would pass on, bit for bit
+        if ctx.reduction == "mean":
+            grad = grad.expand(n) / n
+        elif ctx.reduction == "sum":
+            grad = grad.expand(n)
+        needs = list(ctx.needs_input_grad[1:4])
+        with torch._C._AutoDispatchBelowAutograd():
+            grads = torch.ops.pyprotoclip._proto_softmax_loss_backward(
+                grad.contiguous(), None, *args, lse, teacher_lse, needs
+            )
+        return (None, *[g if need else None for g, need in zip(grads, needs)], None, None, None, None, None)
 
 
 # ---- fakes and autograd for the compiled ops ---------------------------------------------------

@@ -443,3 +443,27 @@ def test_direct_op_call_checks_bounds():
         torch.ops.pyprotoclip.proto_softmax_loss(f, p, torch.tensor(0.1), None, None, None, None, None)
     with pytest.raises(RuntimeError, match="k"):
         torch.ops.pyprotoclip.proto_assign_topk(f, p, torch.tensor(0.1), 7)
+
+
+@needs_compiled
+@pytest.mark.parametrize("mode", ["hard", "soft", "teacher"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_eager_cross_entropy_gives_the_bits_of_the_registered_op(mode, reduction):
+    # eager calls take one autograd node around the kernels; it must not change a bit of loss or gradients
+    f0, p0, kw = _problem(33, 70, 16, mode)
+    target = kw.get("target")
+    args = (target if mode == "hard" else None, target if mode == "soft" else None, kw.get("teacher_features"),
+            kw.get("teacher_prototypes"), torch.tensor(TAU_T) if mode == "teacher" else None)
+
+    def registered(f, p, tau):
+        loss = torch.ops.pyprotoclip.proto_softmax_loss(f, p, tau, *args)[0]
+        return {"mean": loss.mean, "sum": loss.sum, "none": lambda: loss}[reduction]()
+
+    results = []
+    for fn in (registered, lambda f, p, tau: proto_cross_entropy(f, p, tau, reduction=reduction, backend="compiled", **kw)):
+        f, p, tau = f0.clone().requires_grad_(), p0.clone().requires_grad_(), torch.tensor(TAU, requires_grad=True)
+        out = fn(f, p, tau)
+        (out * torch.linspace(0.1, 1.0, out.numel()).reshape(out.shape)).sum().backward()
+        results.append([out.detach(), f.grad, p.grad, tau.grad])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
