@@ -48,12 +48,21 @@ class EpisodeSamples(Dataset):
     """Item j: sample ``ids[j]`` of the index (episode position ``positions[j]``), decoded and preprocessed.
 
     Returns {"image", "caption", "label", "key", "index" (sample number actually read), "episode_pos", "bad"}.
+    ``index`` may be a zero-argument callable that returns the index: it is called once, when the index is
+    first needed (an episode's spool is then only streamed when the episode is read, not when an epoch's
+    loader is sized).
     """
 
-    def __init__(self, index: ShardIndex, ids: torch.Tensor, positions: torch.Tensor, preprocess: Callable, *,
-                 seed: int, purpose: int, epoch: int) -> None:
-        self.index, self.ids, self.positions = index, ids.tolist(), positions.tolist()
+    def __init__(self, index: ShardIndex | Callable[[], ShardIndex], ids: torch.Tensor, positions: torch.Tensor,
+                 preprocess: Callable, *, seed: int, purpose: int, epoch: int) -> None:
+        self._index, self.ids, self.positions = index, ids.tolist(), positions.tolist()
         self.preprocess, self.seed, self.purpose, self.epoch = preprocess, seed, purpose, epoch
+
+    @property
+    def index(self) -> ShardIndex:
+        if not isinstance(self._index, ShardIndex):
+            self._index = self._index()
+        return self._index
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -135,6 +144,7 @@ class EpisodeLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         B = self.batch_size
         batches = [self.order[b * B : (b + 1) * B] for b in range(self.start_batch, self.num_batches)]
+        self.samples.index  # noqa: B018 - resolved here, once, not in every worker
         loader = DataLoader(_Reported(self.samples), batch_sampler=batches, collate_fn=self._collate, num_workers=self.workers,
                             pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
         for batch in loader:

@@ -9,10 +9,11 @@ local spool ``<cache dir>/episode-<e>-rank<r>/`` that the rank then reads by ran
 shards, so feature extraction and every training epoch of the episode read exactly these samples at the
 same positions and the cluster labels never leave the rank.
 
-The spool is written to a temporary directory and renamed when complete, with a manifest of what it holds.
-A resumed run reuses a complete spool whose manifest matches; otherwise it streams the same draws again
-(the same samples while the shards are unchanged). A rank keeps one episode's spool: building the next
-removes its others.
+The spool is written to a temporary directory and renamed when complete, with a manifest of what it holds
+(and a digest of every position's key and source shard). A resumed run reuses a complete spool whose
+manifest matches; otherwise it streams the same draws again (the same samples while the shards are
+unchanged: the caller compares the digests). A rank keeps one episode's spool: completing the next removes
+its others.
 
 Compared with the sample-level draw: samples come in runs of whole shards, a shard drawn twice gives its
 samples twice, and a rank's last shard is cut at n samples.
@@ -89,21 +90,32 @@ def _read_manifest(directory: str) -> dict[str, Any] | None:
         return None
 
 
+def _digest(keys: Sequence[str], sources: Sequence[int]) -> str:
+    """What identifies a spool's samples, position by position: their keys and source shards."""
+    h = hashlib.sha256()
+    for key, source in zip(keys, sources):
+        h.update(f"{source}\t{key}\n".encode())
+    return h.hexdigest()[:32]
+
+
 class SpooledEpisode(ShardIndex):
     """A rank's spooled episode: a :class:`ShardIndex` of the spool whose ``keys`` are the source samples' keys.
 
-    ``source_shards[j]`` is the shard number (into the run's shard list) sample j came from; ``stats`` the
-    counts of the stream that filled the spool (bad samples skipped, shards read)."""
+    ``source_shards[j]``: the shard number (into the run's shard list) sample j came from. ``digest``: a
+    hash of every position's key and source shard (a spool streamed again must give the same one).
+    ``manifest["draws"]``: the shard draws streamed; ``stats``: the counts of that stream (bad samples
+    skipped, shards read). ``seconds``: the time it took to stream, 0 for a spool found complete."""
 
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
+    def __init__(self, directory: str, seconds: float = 0.0) -> None:
+        self.directory, self.seconds = directory, seconds
         self.manifest = _read_manifest(directory) or {}
         super().__init__(sorted(glob.glob(os.path.join(directory, "*.tar"))), flag="episode spool")
         with np.load(os.path.join(directory, SOURCES), allow_pickle=False) as z:
             keys, self.source_shards = z["keys"], z["shards"]
-        if len(keys) != len(self.keys):
-            raise BadDataError(f"episode spool {directory}: {len(self.keys)} samples, {len(keys)} keys; delete it")
+        if len(keys) != len(self.keys) or _digest(keys, self.source_shards) != self.manifest.get("digest"):
+            raise BadDataError(f"episode spool {directory}: its samples do not match its manifest")
         self.keys = keys
+        self.digest: str = self.manifest["digest"]
         self.stats: dict[str, Any] = self.manifest.get("stats", {})
 
 
@@ -123,10 +135,12 @@ def spool_episode(shards: Sequence[str], *, cache_dir: str, episode: int, rank: 
     identity = _identity(shards, episode=episode, rank=rank, world_size=world_size, seed=seed, num_samples=num_samples)
     manifest = _read_manifest(final)
     if manifest is not None and {k: manifest.get(k) for k in identity} == identity:
-        return SpooledEpisode(final)
-    for old in glob.glob(os.path.join(cache_dir, f"episode-*-rank{rank:03d}*")):  # other episodes, dead writers
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            return SpooledEpisode(final)
+        except Exception as exc:  # noqa: BLE001 - a damaged spool is streamed again
+            log.warning("episode %d: the spool %s is damaged (%s); streaming it again", episode, final, exc)
     tmp = f"{final}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     stats, warn = StreamStats(), _BadSampleLog()
     keys: list[str] = []
@@ -159,8 +173,6 @@ def spool_episode(shards: Sequence[str], *, cache_dir: str, episode: int, rank: 
                     sources.append(s)
                     if len(keys) == num_samples:
                         break
-                if len(keys) == num_samples:
-                    break
                 dry = 0 if len(keys) > before else dry + 1
                 bad, seen = bad_samples_of(stats)
                 exceeded = too_bad(bad, seen, max_bad_fraction, min(BAD_CHECK_MIN_SAMPLES, num_samples))
@@ -169,6 +181,8 @@ def spool_episode(shards: Sequence[str], *, cache_dir: str, episode: int, rank: 
                            else f"{dry} shard draws in a row gave no usable sample")
                     raise BadDataError(f"{flag}: spooling episode {episode} on process {rank} stopped after "
                                        f"{len(keys)} of {num_samples} samples: {why}; {describe_bad(_summary(stats))}")
+                if len(keys) == num_samples:
+                    break
                 if time.time() - last > every_s:
                     last = time.time()
                     rate = len(keys) / max(last - t0, 1e-9)
@@ -177,13 +191,16 @@ def spool_episode(shards: Sequence[str], *, cache_dir: str, episode: int, rank: 
                              (num_samples - len(keys)) / max(rate, 1e-9))
         np.savez(os.path.join(tmp, SOURCES), keys=np.array(keys, dtype=np.str_), shards=np.array(sources, dtype=np.int64))
         with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump({**identity, "draws": draws, "stats": _summary(stats)}, f)
+            json.dump({**identity, "digest": _digest(keys, sources), "draws": draws, "stats": _summary(stats)}, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return SpooledEpisode(final)
+    for old in glob.glob(os.path.join(cache_dir, f"episode-*-rank{rank:03d}*")):  # other episodes, dead writers
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return SpooledEpisode(final, seconds=time.time() - t0)
 
 
 def _summary(stats: StreamStats) -> dict[str, Any]:

@@ -104,14 +104,16 @@ def modality_gap(image_emb_sum: torch.Tensor, text_emb_sum: torch.Tensor, count:
 
 
 STATE_KEYS = ("episode", "ids", "image_labels", "text_labels", "external_labels", "image_centroids", "text_centroids",
-              "image_prototypes", "text_prototypes", "image_external_prototypes", "text_external_prototypes")
+              "image_prototypes", "text_prototypes", "image_external_prototypes", "text_external_prototypes",
+              "spool_digest")
 
 
 @dataclasses.dataclass
 class EpisodeState:
     """The prototypes and labels of the current episode (what the loss reads), saved in the checkpoint.
 
-    ids: (E,) sample numbers of the draw. *_labels: (E_r,) int64 cluster of each of this rank's positions.
+    ids: (E,) sample numbers of the draw (None for streaming shards' shard-level draw, whose samples this rank's
+    spool holds: ``spool_digest`` identifies them). *_labels: (E_r,) int64 cluster of each of this rank's positions.
     *_centroids: (K, d_h) the k-means centroids (the soft targets' teacher side). *_prototypes: the student
     prototypes, ``image_prototypes`` = image-space means over the text clusters (PBT; the text centroids
     without PBT), ``text_prototypes`` the other way; *_external_prototypes: both spaces' means over the
@@ -129,6 +131,7 @@ class EpisodeState:
     text_prototypes: torch.Tensor | None = None
     image_external_prototypes: torch.Tensor | None = None
     text_external_prototypes: torch.Tensor | None = None
+    spool_digest: str | None = None
 
     @property
     def has_prototypes(self) -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +169,9 @@ class ProtoCLIPMethod(Method):
         self.steps_per_epoch = 0
         self._index = None
         self._shards: list[str] | None = None
+        self._streaming: bool | None = None
         self._spool: tuple[int, Any] | None = None  # (episode, SpooledEpisode) with streaming shards
+        self._slow_group = None  # gloo, long timeout: agreeing after work whose length differs between ranks
         self._teacher: torch.Tensor | None = None
         self._teacher_episode: int | None = None  # streaming shards: the episode whose spool _teacher covers
         self._last_episode_end: float | None = None
@@ -261,7 +263,36 @@ class ProtoCLIPMethod(Method):
     @property
     def streaming(self) -> bool:
         """Whether the shards stream only (pipe:, URLs): episodes are then shard-level draws, spooled locally."""
-        return _streams(self._shard_list())
+        if self._streaming is None:
+            self._streaming = _streams(self._shard_list())
+        return self._streaming
+
+    def _agreed(self, fn: Callable[[], Any], what: str) -> Any:
+        """``fn()`` on every rank, then an agreement on whether any failed (a rank's own error is re-raised, the
+        others name it), so that no rank waits in a collective for one that stopped. The agreement runs on a
+        gloo group with a long timeout: how long streaming takes differs between ranks."""
+        from pyprotoclip import distributed as pdist
+
+        if pdist.is_distributed() and self._slow_group is None:
+            import datetime
+
+            import torch.distributed as dist
+
+            self._slow_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))
+        error: Exception | None = None
+        result = None
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, once every rank knows
+            error = exc
+        failed = [r for r, e in enumerate(pdist.gather_object(error is not None, self._slow_group)) if e]
+        if error is not None:
+            raise error
+        if failed:
+            from pyprotoclip.data.pipeline import BadDataError
+
+            raise BadDataError(f"train-data: process {failed[0]} stopped: {what} failed there (its log says why)")
+        return result
 
     def _dataset(self):
         """The index of every sample of the (local) shards: episodes draw from it by sample number."""
@@ -276,30 +307,34 @@ class ProtoCLIPMethod(Method):
         return p["episode_size"] or p["train_num_samples"] or len(self._dataset())
 
     def _spooled(self, episode: int, rank: int, world: int):
-        """This rank's spool of ``episode`` (streaming shards), built once per episode; every rank agrees on
-        failure, so no rank waits in a collective for one that stopped."""
+        """This rank's spool of ``episode`` (streaming shards), built once per episode, agreed over the ranks.
+
+        A spool streamed again for an episode whose labels came from the checkpoint must hold the same samples
+        (its digest): if the shards changed since, the labels would silently belong to other samples."""
         if self._spool is None or self._spool[0] != episode:
-            from pyprotoclip import distributed as pdist
             from pyprotoclip.data.episodes import rank_block
             from pyprotoclip.data.spool import spool_episode
 
             p = self.params
             start, stop = rank_block(self.episode_size(), rank, world)
-            cache = p["episode_cache_dir"] or os.path.join(p["logs"], p["name"], "episode-cache")
-            error: Exception | None = None
-            try:
+            # a run of its own under --episode-cache-dir: spools of other runs there are never touched
+            cache = (os.path.join(p["episode_cache_dir"], p["name"]) if p["episode_cache_dir"]
+                     else os.path.join(p["logs"], p["name"], "episode-cache"))
+
+            def build():
                 spool = spool_episode(self._shard_list(), cache_dir=cache, episode=episode, rank=rank, world_size=world,
                                       seed=p["seed"], num_samples=stop - start, max_bad_fraction=p["max_bad_fraction"])
-            except Exception as exc:  # noqa: BLE001 - re-raised below, once every rank knows
-                error = exc
-            failed = [r for r, e in enumerate(pdist.gather_object(error is not None)) if e]
-            if error is not None:
-                raise error
-            if failed:
-                from pyprotoclip.data.pipeline import BadDataError
+                st = self.state
+                if st.episode == episode and st.spool_digest is not None and st.spool_digest != spool.digest:
+                    from pyprotoclip.data.pipeline import BadDataError
 
-                raise BadDataError(f"train-data: process {failed[0]} could not spool its share of episode {episode}")
-            self._spool = (episode, spool)
+                    raise BadDataError(f"train-data: the shards changed since episode {episode} was clustered: streamed "
+                                       f"again, this process's share holds other samples, so the checkpoint's cluster "
+                                       "labels no longer belong to them; resume from a checkpoint of an earlier "
+                                       "episode, or restore the shards")
+                return spool
+
+            self._spool = (episode, self._agreed(build, f"spooling episode {episode}"))
         return self._spool[1]
 
     def _episode_samples(self, episode: int, rank: int, world: int, preprocess, *, purpose: int, epoch: int):
@@ -308,9 +343,9 @@ class ProtoCLIPMethod(Method):
 
         E = self.episode_size()
         start, stop = rank_block(E, rank, world)
-        if self.streaming:
+        if self.streaming:  # the spool is streamed when the samples are first read, not when a loader is sized
             ids, mine = None, torch.arange(stop - start)
-            index = self._spooled(episode, rank, world)
+            index = lambda: self._spooled(episode, rank, world)  # noqa: E731
         else:
             index = self._dataset()
             ids = draw_episode(len(index), E, seed=self.params["seed"], episode=episode)
@@ -363,23 +398,26 @@ class ProtoCLIPMethod(Method):
         ids, _, samples = self._episode_samples(episode, ctx.rank, ctx.world_size, ctx.preprocess,
                                                 purpose=PURPOSE_EXTRACT, epoch=episode)
         row: dict[str, Any] = {}
+        spool_digest = None
         if self.streaming:  # this process's share of the shard-level draw, streamed into its spool
-            spooled = samples.index.stats
-            row.update(spool_s=time.time() - t0, spool_shards_read=spooled.get("shards", 0),
-                       spool_bad_samples=spooled.get("bad_samples", 0))
+            spool = samples.index
+            spool_digest = spool.digest
+            row.update(spool_s=spool.seconds, spool_draws=len(spool.manifest["draws"]),
+                       spool_bad_samples=spool.stats.get("bad_samples", 0))
             ctx.log.info("episode %d: spooled %d samples from %d shard draw(s) in %.1fs (%d bad skipped)", episode,
-                         len(samples), row["spool_shards_read"], row["spool_s"], row["spool_bad_samples"])
+                         len(samples), row["spool_draws"], row["spool_s"], row["spool_bad_samples"])
+        t_start_extract = time.time()
         loader = EpisodeLoader(samples, torch.arange(len(samples)), batch_size=p["batch_size"], tokenize=ctx.tokenize,
                                workers=p["workers"], drop_last=False)
         ctx.log.info("episode %d: extracting the features of %d samples (%d on this process)", episode,
                      self.episode_size(), len(samples))
         feats = ep.extract(ctx.model, loader, device=ctx.device, autocast=ctx.autocast, log=ctx.log)
-        t_extract = time.time() - t0
+        t_extract = time.time() - t_start_extract
         image = ep.cluster(feats["image"], K, iters=p["kmeans_max_iter"], redo=p["kmeans_nredo"], seed=seed)
         text = ep.cluster(feats["text"], K, iters=p["kmeans_max_iter"], redo=p["kmeans_nredo"], seed=seed + 1)
         t_pbt = time.time()
         st = ep.EpisodeState(episode=episode, ids=ids, image_labels=image.labels, text_labels=text.labels,
-                             image_centroids=image.centroids, text_centroids=text.centroids)
+                             image_centroids=image.centroids, text_centroids=text.centroids, spool_digest=spool_digest)
         image_counts = torch.bincount(image.labels, minlength=K).float()
         text_counts = torch.bincount(text.labels, minlength=K).float()
         if p["PBT"]:
@@ -426,9 +464,13 @@ class ProtoCLIPMethod(Method):
             from pyprotoclip.models.teacher import teacher_features
 
             t0, p = time.time(), self.params
-            if self.streaming:
-                self._teacher = teacher_features(self._spooled(episode, ctx.rank, ctx.world_size), p["external_teacher"],
-                                                 dim=p["external_teacher_dim"], seed=p["seed"], shared_pca=True)
+            if self.streaming:  # each rank embeds its own spool; one PCA basis (rank 0's) for all
+                from pyprotoclip.models.teacher import pca
+
+                spool = self._spooled(episode, ctx.rank, ctx.world_size)
+                raw = self._agreed(lambda: teacher_features(spool, p["external_teacher"], dim=0, own_index=True),
+                                   "the external teacher")
+                self._teacher = pca(raw, p["external_teacher_dim"], seed=p["seed"], shared=True)
             else:
                 self._teacher = teacher_features(self._dataset(), p["external_teacher"], dim=p["external_teacher_dim"],
                                                  rank=ctx.rank, world_size=ctx.world_size, seed=p["seed"])

@@ -110,19 +110,22 @@ def pca(features: torch.Tensor, dim: int, *, max_fit: int = 200_000, seed: int =
 
 
 def teacher_features(index, spec: str, *, dim: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                     device: str | torch.device = "cpu", shared_pca: bool = False) -> torch.Tensor:
+                     device: str | torch.device = "cpu", own_index: bool = False) -> torch.Tensor:
     """(N, dim) teacher features of every sample of ``index``, in index order.
 
     With a model, each rank embeds its share of the shards (cached beside them); then every rank reads all
     caches. With a feature file, rows are matched to samples by key (a sample without a row is an error).
-    ``shared_pca``: each process passes its own index (rank 0, world size 1 here) and the PCA basis is rank 0's.
+    ``own_index``: ``index`` is this process's alone (it embeds all of it; no collective).
     """
     from pyprotoclip import distributed as pdist
 
     kind, path = resolve_teacher(spec)
     if kind == "model":
-        embed_shards(index, path, shards=range(rank, len(index.shards), world_size), device=device)
-        pdist.barrier()
+        if own_index:
+            embed_shards(index, path, shards=range(len(index.shards)), device=device)
+        else:
+            embed_shards(index, path, shards=range(rank, len(index.shards), world_size), device=device)
+            pdist.barrier()
         parts = [_load_feature_file(_cache_path(shard, path))[1] for shard in index.shards]
         feats = torch.cat(parts) if parts else torch.zeros((0, 1))
     else:
@@ -135,4 +138,4 @@ def teacher_features(index, spec: str, *, dim: int, rank: int = 0, world_size: i
     if feats.shape[0] != len(index):
         raise ValueError(f"external-teacher: {feats.shape[0]} feature rows for {len(index)} samples; delete the "
                          "stale *.teacher-*.pt caches beside the shards")
-    return pca(feats, dim, seed=seed, shared=shared_pca)
+    return pca(feats, dim, seed=seed)

