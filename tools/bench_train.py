@@ -74,14 +74,14 @@ def common_flags(a: argparse.Namespace, spec: str, logs: str, name: str) -> list
     return ["--train-data", spec, "--train-num-samples", str(a.samples), "--model", a.model, "--batch-size",
             str(a.batch_size), "--epochs", str(a.epochs), "--workers", str(a.workers), "--lr", "1e-3", "--warmup", "10",
             "--precision", "fp32", "--logs", logs, "--name", name, "--seed", "0", "--save-frequency", "0",
-            "--zeroshot-frequency", "0", "--log-every-n-steps", str(a.log_every)]
+            "--zeroshot-frequency", "0", "--log-every-n-steps", str(a.log_every), "--device", "cpu"]
 
 
 def command(trainer: str, a: argparse.Namespace, spec: str, logs: str, name: str) -> tuple[list[str], dict[str, str]]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads), "PYTHONPATH": ROOT}
     flags = common_flags(a, spec, logs, name)
     if trainer == "pyprotoclip":
-        return [sys.executable, "-m", "pyprotoclip", "train", *flags, "--device", "cpu"], env
+        return [sys.executable, "-m", "pyprotoclip", "train", *flags], env
     env["PYTHONPATH"] = os.pathsep.join([DEPS, ROOT])
     return [sys.executable, "-c", OPEN_CLIP_MAIN, *flags, "--dataset-type", "webdataset"], env
 
