@@ -4,6 +4,7 @@ memory; writes benchmarks/results/infonce-<machine>.json and a PNG drawn from it
 
     python tools/bench_infonce.py                      # CPU: B in {1024, 4096, 16384}, d=512, fp32
     python tools/bench_infonce.py --quick              # a smoke run
+    python tools/bench_infonce.py --small-only --tag T # only the small-shape rows (B=32..256, d=128, vs ClipLoss)
     python tools/bench_infonce.py --device cuda        # GPU: fp32 + bf16 up to B=65536, Inf-CL when installed
     pyprotoclip bench infonce [same options]
 """
@@ -11,6 +12,7 @@ memory; writes benchmarks/results/infonce-<machine>.json and a PNG drawn from it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -102,19 +104,27 @@ def measure(provider: str, batch: int, dim: int, dtype_name: str, device: str, r
     return row
 
 
+SMALL_PROVIDERS = ("auto", "auto_skip_checks", "compiled", "reference", "open_clip")
+
+
 def measure_small(batch: int, dim: int, device: str, repeats: int, inner: int) -> dict:
-    """Small-batch row: the public op (``backend="auto"`` and each backend) and open_clip's ClipLoss, fwd+bwd,
-    interleaved in one process (A B C A B C ...), each sample the mean of ``inner`` back-to-back calls."""
+    """Small-batch row: the public op (``backend="auto"``, also inside ``skip_value_checks()`` as the trainer
+    calls it, and each backend) and open_clip's ClipLoss, fwd+bwd, interleaved in one process (A B C A B C ...),
+    each sample the mean of ``inner`` back-to-back calls."""
+    from pyprotoclip.ops import skip_value_checks
+
     image, text, log_scale = setup(batch, dim, torch.float32, device)
     fns = {}
-    for provider in ("auto", "compiled", "reference", "open_clip"):
+    for provider in SMALL_PROVIDERS:
         if provider in ("compiled", "open_clip") and not available(provider, device):
             continue
-        fn = loss_fn(provider)
+        fn = loss_fn("auto" if provider == "auto_skip_checks" else provider)
+        checks = skip_value_checks if provider == "auto_skip_checks" else contextlib.nullcontext
 
-        def run(fn=fn):
-            for _ in range(inner):
-                fn(image, text, log_scale.exp()).backward()
+        def run(fn=fn, checks=checks):
+            with checks():
+                for _ in range(inner):
+                    fn(image, text, log_scale.exp()).backward()
 
         fns[provider] = run
     timed = benchlib.interleaved_ms(fns, device=device, repeats=repeats, warmup=3)
@@ -190,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--small-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64, 128, 256],
                         help="batch sizes of the small-shape row (d=128, fp32, vs ClipLoss); empty to skip")
+    parser.add_argument("--small-only", action="store_true", help="only the small-shape rows")
     parser.add_argument("--small-repeats", type=int, default=None, help="interleaved samples per small size")
     parser.add_argument("--worker-small", nargs=4, metavar=("B", "D", "REPEATS", "INNER"), help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=5, metavar=("PROVIDER", "B", "D", "DTYPE", "REPEATS"), help=argparse.SUPPRESS)
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     gpu = args.device.startswith("cuda")
-    sizes = args.sizes or ([512, 1024] if args.quick else ([4096, 16384, 32768, 65536] if gpu else [1024, 4096, 16384]))
+    sizes = [] if args.small_only else args.sizes or ([512, 1024] if args.quick else ([4096, 16384, 32768, 65536] if gpu else [1024, 4096, 16384]))
     dtypes = (args.dtypes or ("fp32,bf16" if gpu else "fp32")).split(",")
     repeats = args.repeats or (3 if args.quick else (20 if gpu else 5))
     providers = [p for p in args.providers.split(",") if available(p, args.device)]
@@ -234,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         row = benchlib.run_isolated(__file__, ["--device", args.device, "--worker-small", str(batch), "128", str(small_repeats), "10"])
         rows.append(row)
         print(f"  small B={batch:4d} d=128 fp32 fwd+bwd: " + ", ".join(
-            f"{p} {row[p]['median_ms'] * 1e3:.0f} us" for p in ("auto", "compiled", "reference", "open_clip") if p in row)
+            f"{p} {row[p]['median_ms'] * 1e3:.0f} us" for p in SMALL_PROVIDERS if p in row)
             + "; " + ", ".join(f"{k} x{v:.2f}" for k, v in row.items() if k.endswith("_over_open_clip")))
     ok = [r for r in rows if "error" not in r and r.get("kind") != "small"]
     summary = summarize(ok) + summarize_small([r for r in rows if r.get("kind") == "small"])

@@ -4,6 +4,7 @@ targets on a GPU, when installed), for hard, soft and teacher targets.
 
     python tools/bench_proto_softmax.py            # CPU: B=8192, d=128, K in {1024, 8192, 32768}, fp32
     python tools/bench_proto_softmax.py --quick    # small smoke run
+    python tools/bench_proto_softmax.py --small-only --tag T   # only the small-shape rows (B x K = 32x64 .. 256x1024)
     pyprotoclip bench proto [--quick]              # the same through the CLI
 
 On a GPU (when CUDA is available) it runs B=32768, d=128, K=65536 in bf16 instead.
@@ -27,6 +28,7 @@ and a PNG drawn from that JSON by ``plot``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -227,6 +229,8 @@ def configs(args: argparse.Namespace, device: str) -> tuple[list[tuple[int, int,
 def run(args: argparse.Namespace) -> dict:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     shapes, dtype, providers = configs(args, device)
+    if args.small_only:
+        shapes = []
     reps = max(args.reps, 20 if device == "cuda" else 5)
     rows = []
     for b, k, d in shapes:
@@ -297,20 +301,25 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-SMALL_PROVIDERS = ("auto", "compiled", "reference", "bare_reference")
+SMALL_PROVIDERS = ("auto", "auto_skip_checks", "compiled", "reference", "bare_reference")
 
 
 def small_row(b: int, k: int, d: int, device: str, repeats: int, inner: int) -> dict:
-    """Small-shape row (hard targets, fp32): the public op with each backend and reference.py's formula called
-    bare, fwd+bwd, interleaved in one process; each sample is the mean of ``inner`` back-to-back calls."""
+    """Small-shape row (hard targets, fp32): the public op with each backend (``auto`` also inside
+    ``skip_value_checks()``, as the trainer calls it) and reference.py's formula called bare, fwd+bwd, interleaved
+    in one process; each sample is the mean of ``inner`` back-to-back calls."""
+    from pyprotoclip.ops import skip_value_checks
+
     fns = {}
     for provider in SMALL_PROVIDERS:
-        fn, leaves = setup(provider, "hard", b, k, d, torch.float32, device)
+        fn, leaves = setup("auto" if provider == "auto_skip_checks" else provider, "hard", b, k, d, torch.float32, device)
+        checks = skip_value_checks if provider == "auto_skip_checks" else contextlib.nullcontext
 
-        def run(fn=fn, leaves=leaves):
-            for _ in range(inner):
-                _zero_grads(leaves)
-                fn().backward()
+        def run(fn=fn, leaves=leaves, checks=checks):
+            with checks():
+                for _ in range(inner):
+                    _zero_grads(leaves)
+                    fn().backward()
 
         fns[provider] = run
     timed = benchlib.interleaved_ms(fns, device=device, repeats=repeats, warmup=3)
@@ -319,7 +328,7 @@ def small_row(b: int, k: int, d: int, device: str, repeats: int, inner: int) -> 
            "inner": inner, "reps": repeats}
     for provider, t in timed.items():
         row[provider] = {key: (v / inner if key.endswith("_ms") else v) for key, v in t.items()}
-    for provider in ("auto", "compiled"):
+    for provider in ("auto", "auto_skip_checks", "compiled"):
         for peer in ("reference", "bare_reference"):
             row[f"{provider}_over_{peer}"] = statistics.median(a / c for a, c in zip(samples[provider], samples[peer]))
     return row
@@ -380,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small", type=lambda v: [tuple(int(x) for x in item.split("x")) for item in v.split(",")] if v else [],
                         default=[(32, 64), (64, 256), (128, 1024), (256, 1024)],
                         help="BxK shapes of the small-shape row (hard targets, d=128, fp32), e.g. 32x64,64x256; '' to skip")
+    parser.add_argument("--small-only", action="store_true", help="only the small-shape rows")
     parser.add_argument("--small-repeats", type=int, default=None, help="interleaved samples per small shape")
     parser.add_argument("--shared", default=None, help="a note for the JSON when the machine was shared with other jobs")
     parser.add_argument("--tag", default=None, help="file-name tag (default: the device's name)")
@@ -396,8 +406,9 @@ def main(argv: list[str] | None = None) -> None:
     json_path = os.path.join(args.out_dir, stem + ".json")
     with open(json_path, "w") as fh:
         json.dump(result, fh, indent=1)
-    plot(json_path, os.path.join(args.out_dir, stem + ".png"))
-    print(f"wrote {json_path} and .png")
+    if any(r.get("kind") != "small" for r in result["rows"]):
+        plot(json_path, os.path.join(args.out_dir, stem + ".png"))
+    print(f"wrote {json_path}")
 
 
 if __name__ == "__main__":
