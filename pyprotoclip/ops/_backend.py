@@ -3,12 +3,11 @@
 ``auto`` uses the compiled kernel when it was built for the tensor's device and falls back to
 ``reference.py`` otherwise (warning once). ``PYPROTOCLIP_BACKEND`` overrides ``auto``.
 
-``auto`` does not choose by size. Measured on a shared 2-core AMD EPYC (B = 32..256, d = 128, fp32, fwd+bwd,
-thread CPU time, interleaved; the small-shape rows of ``tools/bench_infonce.py`` / ``bench_proto_softmax.py``),
-the compiled op and the reference cost the same there (x0.90-1.0 of each other): what separates both from
-open_clip's ``ClipLoss`` at small B is the per-call Python work (argument checks, the ``torch.library`` autograd
-wrapper, the mean of the two directions), not the compiled op's fixed cost, so routing tiny shapes to the
-reference would gain nothing and change the values ``auto`` gives.
+``auto`` does not choose by size. At small shapes (B = 32..256, d = 128, fp32, fwd+bwd, the small-shape rows of
+``tools/bench_infonce.py`` / ``bench_proto_softmax.py``) the cost is per-call work, not the kernels' fixed cost:
+eager calls of ``infonce_loss`` and ``proto_cross_entropy`` therefore run the kernels and the final mean as one
+autograd node (the same bits as the registered op's autograd). Routing tiny shapes to the reference would gain
+nothing (it is the slower of the two there) and would change the values ``auto`` gives.
 """
 
 from __future__ import annotations
