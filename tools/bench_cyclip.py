@@ -1,4 +1,5 @@
-"""Benchmark of CyCLIP's cyclic regularisers: pyprotoclip's d x d Gram form (``losses.cyclic_losses``) against
+"""Benchmark of CyCLIP's cyclic regularisers: pyprotoclip's d x d Gram form as the trainer calls it
+(``losses.cyclip.cyclic_penalty``, lambda1 * L_I + lambda2 * L_C in one op) against
 the CLIP loss it is added to (``ops.infonce_loss``) and against the official code's N x N form
 (goel-shashank/CyCLIP src/train.py). Forward and forward+backward time (median, p20, p80), peak memory;
 writes benchmarks/results/cyclip-<machine>.json and a PNG drawn from it.
@@ -9,7 +10,9 @@ writes benchmarks/results/cyclip-<machine>.json and a PNG drawn from it.
     pyprotoclip bench cyclip [same options]
 
 The headline number is the time of the two regularisers relative to the CLIP loss at B=16384, d=512
-(goal < 5%). Because this may run on a shared machine, that ratio is measured a second way too: the two
+(goal < 5%), with the recipe's weights lambda1 = lambda2 = 0.25 (provider ``cyclic``: the fused backward
+skips b's GEMMs); provider ``cyclic_general`` is the same op with unequal weights 0.25 / 0.5 (all the
+backward GEMMs), reported next to it. Because this may run on a shared machine, that ratio is measured a second way too: the two
 losses alternately in one process (``interleaved`` rows), so both see the same load; the GEMMs of the
 cyclic terms alone (preallocated operands, no autograd) are timed in the same rounds, the floor of the
 Gram form on this machine. Memory of the N x N
@@ -35,8 +38,9 @@ sys.path[:0] = [os.path.join(ROOT, "tools"), ROOT]  # benchlib, and pyprotoclip 
 import benchlib  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PROVIDERS = ("clip", "cyclic", "official")
+PROVIDERS = ("clip", "cyclic", "cyclic_general", "official")
 LAMBDA = 0.25  # the recipe's weights, each term
+WEIGHTS = {"cyclic": (LAMBDA, LAMBDA), "cyclic_general": (0.25, 0.5), "official": (LAMBDA, LAMBDA)}
 
 
 def official_cyclic(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,12 +73,13 @@ def _loss_fn(provider: str):
         from pyprotoclip.ops import infonce_loss
 
         return lambda i, t, s: infonce_loss(i, t, s)
-    if provider == "cyclic":
-        from pyprotoclip.losses import cyclic_losses
+    if provider in ("cyclic", "cyclic_general"):
+        from pyprotoclip.losses.cyclip import cyclic_penalty
 
-        def cyclic(i, t, s):
-            inmodal, crossmodal = cyclic_losses(i, t)
-            return LAMBDA * inmodal + LAMBDA * crossmodal
+        w1, w2 = WEIGHTS[provider]
+
+        def cyclic(i, t, s):  # as add_cyclic_terms calls it
+            return cyclic_penalty(i, t, w1, w2)[0]
 
         return cyclic
     if provider == "official":
@@ -120,10 +125,11 @@ def measure(provider: str, batch: int, dim: int, dtype_name: str, device: str, r
     return row
 
 
-def cyclic_gemms(batch: int, dim: int, dtype: torch.dtype, device: str):
+def cyclic_gemms(batch: int, dim: int, dtype: torch.dtype, device: str, equal_weights: bool = False):
     """The GEMMs of the cyclic terms alone, on preallocated operands and outputs: forward [S D]^T S and
-    D^T D (3 N d^2 multiply-adds), backward [S D] @ (2d, d) twice (4 N d^2). No S, D formed, no
-    allocations, no autograd: what the Gram form cannot go below with these GEMMs."""
+    D^T D (3 N d^2 multiply-adds), backward [S D] @ (2d, d) twice (4 N d^2), or with ``equal_weights``
+    S @ (d, d) and D @ (d, d) (2 N d^2). No S, D formed, no allocations, no autograd: what the Gram form
+    cannot go below with these GEMMs."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     g = torch.Generator(device="cpu").manual_seed(1)
     p = torch.randn(batch, 2 * dim, generator=g).to(device=device, dtype=acc)
@@ -134,20 +140,26 @@ def cyclic_gemms(batch: int, dim: int, dtype: torch.dtype, device: str):
     def run():
         torch.mm(p.t(), p[:, :dim], out=grams[:2].view(2 * dim, dim))
         torch.mm(p[:, dim:].t(), p[:, dim:], out=grams[2])
-        torch.mm(p, m[0], out=grads[0])
-        torch.mm(p, m[1], out=grads[1])
+        if equal_weights:
+            torch.mm(p[:, :dim], m[0, :dim], out=grads[0])
+            torch.mm(p[:, dim:], m[1, :dim], out=grads[1])
+        else:
+            torch.mm(p, m[0], out=grads[0])
+            torch.mm(p, m[1], out=grads[1])
 
     return run
 
 
 def interleaved(batch: int, dim: int, dtype_name: str, device: str, repeats: int) -> dict:
-    """CLIP, the cyclic terms and the cyclic terms' GEMMs alone timed alternately in one process (the
-    same machine load for all)."""
-    clip, cyclic = loss_fn("clip"), loss_fn("cyclic")
+    """CLIP, the cyclic terms (``cyclic_penalty``, the recipe's equal weights and unequal ones) and the
+    cyclic terms' GEMMs alone (for each) timed alternately in one process (the same machine load for all)."""
+    clip, cyclic, general = loss_fn("clip"), loss_fn("cyclic"), loss_fn("cyclic_general")
     image, text, log_scale = setup(batch, dim, DTYPES[dtype_name], device)
     gemms = cyclic_gemms(batch, dim, DTYPES[dtype_name], device)
+    gemms_equal = cyclic_gemms(batch, dim, DTYPES[dtype_name], device, equal_weights=True)
     steps = (("clip", lambda: clip(image, text, log_scale.exp()).backward()),
-             ("cyclic", lambda: cyclic(image, text, log_scale.exp()).backward()), ("gemms", gemms))
+             ("cyclic", lambda: cyclic(image, text, log_scale.exp()).backward()), ("gemms_equal", gemms_equal),
+             ("cyclic_general", lambda: general(image, text, log_scale.exp()).backward()), ("gemms", gemms))
     samples: dict[str, list[float]] = {name: [] for name, _ in steps}
     for i in range(repeats + 1):  # the first round is a warm-up
         for name, fn in steps:
@@ -158,13 +170,24 @@ def interleaved(batch: int, dim: int, dtype_name: str, device: str, repeats: int
             if i:
                 samples[name].append((time.perf_counter() - t0) * 1e3)
     ratios = sorted(c / k for c, k in zip(samples["cyclic"], samples["clip"]))
+    general_ratios = sorted(c / k for c, k in zip(samples["cyclic_general"], samples["clip"]))
     median = {name: statistics.median(v) for name, v in samples.items()}
     return {"provider": "interleaved", "B": batch, "d": dim, "dtype": dtype_name, "repeats": repeats,
-            "clip_forward_backward_ms": samples["clip"], "cyclic_forward_backward_ms": samples["cyclic"],
-            "cyclic_gemms_ms": samples["gemms"],
+            "weights": {"cyclic": list(WEIGHTS["cyclic"]), "cyclic_general": list(WEIGHTS["cyclic_general"])},
+            "clip_forward_backward_ms": samples["clip"],
+            # cyclic_penalty with the recipe's equal weights 0.25 / 0.25 (what the trainer calls)
+            "cyclic_forward_backward_ms": samples["cyclic"], "cyclic_gemms_ms": samples["gemms_equal"],
             "ratio_of_medians": median["cyclic"] / median["clip"],
             "median_pair_ratio": statistics.median(ratios), "min_pair_ratio": ratios[0], "max_pair_ratio": ratios[-1],
-            "gemms_ratio_of_medians": median["gemms"] / median["clip"], "cyclic_over_gemms": median["cyclic"] / median["gemms"]}
+            "gemms_ratio_of_medians": median["gemms_equal"] / median["clip"],
+            "cyclic_over_gemms": median["cyclic"] / median["gemms_equal"],
+            # cyclic_penalty with unequal weights 0.25 / 0.5 (the general backward, all its GEMMs)
+            "general_forward_backward_ms": samples["cyclic_general"], "general_gemms_ms": samples["gemms"],
+            "general_ratio_of_medians": median["cyclic_general"] / median["clip"],
+            "general_median_pair_ratio": statistics.median(general_ratios),
+            "general_min_pair_ratio": general_ratios[0], "general_max_pair_ratio": general_ratios[-1],
+            "general_gemms_ratio_of_medians": median["gemms"] / median["clip"],
+            "general_over_gemms": median["cyclic_general"] / median["gemms"]}
 
 
 def plot(results_path: str) -> str:
@@ -177,7 +200,8 @@ def plot(results_path: str) -> str:
     with open(results_path) as f:
         data = json.load(f)
     rows = [r for r in data["rows"] if "error" not in r and r["provider"] in PROVIDERS]
-    labels = {"clip": "CLIP loss (ops.infonce_loss)", "cyclic": "cyclic terms, d x d Gram form",
+    labels = {"clip": "CLIP loss (ops.infonce_loss)", "cyclic": "cyclic terms, d x d Gram form, weights 0.25/0.25",
+              "cyclic_general": "cyclic terms, d x d Gram form, weights 0.25/0.5",
               "official": "cyclic terms, official N x N form"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for key in sorted({(r["provider"], r["dtype"]) for r in rows}):
@@ -214,29 +238,37 @@ def summarize(rows: list[dict], extrapolated: list[dict]) -> list[str]:
     lines = []
     by_key = {(r["provider"], r["B"], r["dtype"]): r for r in rows if r["provider"] in PROVIDERS}
     for (provider, batch, dtype_name), r in sorted(by_key.items(), key=lambda kv: (kv[0][2], kv[0][1])):
-        if provider != "cyclic":
+        if provider not in ("cyclic", "cyclic_general"):
             continue
+        w = "weights %g/%g" % WEIGHTS[provider]
         clip = by_key.get(("clip", batch, dtype_name))
         if clip and "forward_backward" in r and "forward_backward" in clip:
             t = r["forward_backward"]["median_ms"] / clip["forward_backward"]["median_ms"]
-            lines.append(f"B={batch} {dtype_name}: cyclic terms / CLIP loss, forward+backward time: {100 * t:.1f}% (separate processes)")
+            lines.append(f"B={batch} {dtype_name}: cyclic terms ({w}) / CLIP loss, forward+backward time: {100 * t:.1f}% (separate processes)")
         official = by_key.get(("official", batch, dtype_name))
+        if provider != "cyclic":
+            continue
         if official:
             m = r["peak_bytes"] / max(official["peak_bytes"], 1)
-            lines.append(f"B={batch} {dtype_name}: Gram form / official N x N form, peak memory: x{m:.4f} "
+            lines.append(f"B={batch} {dtype_name}: Gram form ({w}) / official N x N form, peak memory: x{m:.4f} "
                          f"({r['peak_bytes'] / 2**20:.0f} MiB vs {official['peak_bytes'] / 2**20:.0f} MiB)")
             if "forward_backward" in official:
                 t = r["forward_backward"]["median_ms"] / official["forward_backward"]["median_ms"]
-                lines.append(f"B={batch} {dtype_name}: Gram form / official N x N form, forward+backward time: x{t:.3f}")
+                lines.append(f"B={batch} {dtype_name}: Gram form ({w}) / official N x N form, forward+backward time: x{t:.3f}")
     for r in rows:
         if r["provider"] == "interleaved":
-            lines.append(f"B={r['B']} {r['dtype']}: cyclic terms / CLIP loss, interleaved in one process: "
-                         f"{100 * r['ratio_of_medians']:.1f}% (ratio of medians; per-pair {100 * r['min_pair_ratio']:.1f}-"
-                         f"{100 * r['max_pair_ratio']:.1f}%)")
-            if "gemms_ratio_of_medians" in r:
-                lines.append(f"B={r['B']} {r['dtype']}: the cyclic terms' GEMMs alone (7 N d^2 multiply-adds, preallocated) / "
-                             f"CLIP loss, interleaved: {100 * r['gemms_ratio_of_medians']:.1f}%; the cyclic terms take "
-                             f"x{r['cyclic_over_gemms']:.2f} their GEMMs' time")
+            lines.append(f"B={r['B']} {r['dtype']}: HEADLINE cyclic terms (cyclic_penalty, the recipe's weights 0.25/0.25, as the "
+                         f"trainer calls it) / CLIP loss, interleaved in one process: {100 * r['ratio_of_medians']:.1f}% (ratio of "
+                         f"medians; per-pair {100 * r['min_pair_ratio']:.1f}-{100 * r['max_pair_ratio']:.1f}%)")
+            lines.append(f"B={r['B']} {r['dtype']}: their GEMMs alone (weights 0.25/0.25: 5 N d^2 multiply-adds, preallocated) / "
+                         f"CLIP loss, interleaved: {100 * r['gemms_ratio_of_medians']:.1f}%; the cyclic terms take "
+                         f"x{r['cyclic_over_gemms']:.2f} their GEMMs' time")
+            lines.append(f"B={r['B']} {r['dtype']}: cyclic terms (cyclic_penalty, unequal weights 0.25/0.5: the general backward) / "
+                         f"CLIP loss, interleaved in one process: {100 * r['general_ratio_of_medians']:.1f}% (ratio of medians; "
+                         f"per-pair {100 * r['general_min_pair_ratio']:.1f}-{100 * r['general_max_pair_ratio']:.1f}%)")
+            lines.append(f"B={r['B']} {r['dtype']}: their GEMMs alone (weights 0.25/0.5: 7 N d^2 multiply-adds, preallocated) / "
+                         f"CLIP loss, interleaved: {100 * r['general_gemms_ratio_of_medians']:.1f}%; the cyclic terms take "
+                         f"x{r['general_over_gemms']:.2f} their GEMMs' time")
     for e in extrapolated:
         lines.append(f"B={e['B']} {e['dtype']}: official N x N form, EXTRAPOLATED peak memory {e['peak_bytes'] / 2**30:.1f} GiB "
                      f"(measured {e['bytes_per_pair']:.2f} bytes/pair at B={e['from_B']})")
@@ -299,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
             row = benchlib.run_isolated(__file__, ["--device", args.device, "--ratio-worker", str(ratio_batch), str(args.dim),
                                                    dtype_name, str(repeats)])
             rows.append(row)
-            print(f"  interleaved B={ratio_batch} {dtype_name}: cyclic/CLIP {100 * row['ratio_of_medians']:.1f}%")
+            print(f"  interleaved B={ratio_batch} {dtype_name}: cyclic/CLIP {100 * row['ratio_of_medians']:.1f}% (weights 0.25/0.25), "
+                  f"{100 * row['general_ratio_of_medians']:.1f}% (weights 0.25/0.5)")
 
     ok = [r for r in rows if "error" not in r]
     extrapolated = []
@@ -318,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = os.path.join(args.out, "quick") if args.quick else args.out  # smoke runs are not results
     path = os.path.join(out_dir, f"cyclip-{benchlib.device_tag(args.device)}.json")
     env = benchlib.environment(args.device)
-    env.update(summary=summary, extrapolated=extrapolated, lambdas=[LAMBDA, LAMBDA],
+    env.update(summary=summary, extrapolated=extrapolated, lambdas={k: list(v) for k, v in WEIGHTS.items()},
                load_average=list(os.getloadavg()), cpu_count=os.cpu_count())
     benchlib.write_results(path, rows, env)
     if any(r["provider"] in PROVIDERS for r in ok):

@@ -24,6 +24,13 @@ the row count) makes the terms exact on every rank; its backward sums the incomi
 ranks, so after DDP averages parameter gradients every rank's rows get exactly the gradient of the
 single-process loss on the concatenated batch. The official code instead gathers the features
 without gradient: its tower gradients from these terms are 1/W of the single-process ones.
+
+The trainer adds lambda1 L_I + lambda2 L_C = ((lambda1 + lambda2) a + (lambda1 - lambda2) b) / (2N)
+(:func:`cyclic_penalty`). The forward needs all three Gram matrices (both terms are logged), but the
+backward only the GEMMs of the forms whose coefficient is nonzero, known from the Python floats at
+forward time: with the recipe's equal weights b has no gradient and the backward is
+dS = S (G_ss + G_ss^T), dD = D (G_dd + G_dd^T), two N d^2 GEMMs instead of four (lambda1 = -lambda2:
+a has none, dS = D G_ds, dD = S G_ds^T).
 """
 
 from __future__ import annotations
@@ -71,6 +78,11 @@ def _fill_sum_difference(out: torch.Tensor, image: torch.Tensor, text: torch.Ten
 class _SumDifferenceGrams(torch.autograd.Function):
     """(I, T) -> (3, d, d) [S^T S, D^T S, D^T D] in ``acc_dtype``, S = I + T, D = I - T.
 
+    ``blocks`` = (a, b): which forms the caller differentiates, decided at forward time. (True, True):
+    any incoming gradient. (True, False): the gradient of D^T S is known to be zero (the caller's
+    loss depends on S^T S and D^T D only) and is not read; (False, True): those of S^T S and D^T D are.
+    The backward then does two N d^2 GEMMs instead of four; (False, False): none.
+
     With P = [S D] (N, 2d), the first two are P^T S (2d, d), one GEMM into the output, the third
     D^T D: 3 N d^2 multiply-adds. (Computing only the upper blocks of the symmetric S^T S, D^T D in
     smaller GEMMs does fewer multiply-adds but measured slower on a 2-thread CPU.) P is formed a chunk
@@ -78,7 +90,8 @@ class _SumDifferenceGrams(torch.autograd.Function):
     again (cheaper than keeping 2 N d numbers alive)."""
 
     @staticmethod
-    def forward(ctx, image: torch.Tensor, text: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, image: torch.Tensor, text: torch.Tensor, acc_dtype: torch.dtype,
+                blocks: tuple[bool, bool] = (True, True)) -> torch.Tensor:
         n, d = image.shape
         with torch.autocast(image.device.type, enabled=False):  # called under autocast, the GEMMs stay in acc_dtype
             grams = torch.empty(3, d, d, dtype=acc_dtype, device=image.device)
@@ -90,12 +103,14 @@ class _SumDifferenceGrams(torch.autograd.Function):
                 grams[:2].view(2 * d, d).addmm_(p.t(), p[:, :d], beta=beta)
                 grams[2].addmm_(p[:, d:].t(), p[:, d:], beta=beta)
         ctx.save_for_backward(image, text)
-        ctx.acc_dtype = acc_dtype
+        ctx.acc_dtype, ctx.blocks = acc_dtype, blocks
         return grams
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         image, text = ctx.saved_tensors
+        if ctx.blocks != (True, True):
+            return _SumDifferenceGrams._backward_one_form(ctx, grad, image, text)
         n, d = image.shape
         acc = ctx.acc_dtype
         with torch.autocast(image.device.type, enabled=False):
@@ -119,7 +134,44 @@ class _SumDifferenceGrams(torch.autograd.Function):
                 p = _fill_sum_difference(buf[: hi - lo], image[lo:hi], text[lo:hi], sign)
                 torch.mm(p, m_image, out=grad_image[lo:hi])
                 torch.mm(p, m_text, out=grad_text[lo:hi])
-        return grad_image.to(image.dtype), grad_text.to(text.dtype), None
+        return grad_image.to(image.dtype), grad_text.to(text.dtype), None, None
+
+    @staticmethod
+    def _backward_one_form(ctx, grad: torch.Tensor, image: torch.Tensor, text: torch.Tensor):
+        """The backward when only a's blocks (S^T S, D^T D) or only b's (D^T S) carry gradient:
+        dS = X, dD = Y with X = S (G_ss + G_ss^T), Y = D (G_dd + G_dd^T) for a, X = D G_ds,
+        Y = S G_ds^T for b; two N d^2 GEMMs into a (2, r, d) buffer per chunk of rows, then
+        [dI, dT] = [X + Y, X - Y] in one exact pass (X + sign * Y, sign = +-1) into the outputs."""
+        n, d = image.shape
+        acc = ctx.acc_dtype
+        use_a, use_b = ctx.blocks
+        if not (use_a or use_b):
+            return torch.zeros_like(image), torch.zeros_like(text), None, None
+        with torch.autocast(image.device.type, enabled=False):
+            g_ss, g_ds, g_dd = grad.to(acc).unbind(0)
+            if use_a:
+                m = torch.empty(2, d, d, dtype=acc, device=image.device)
+                torch.add(g_ss, g_ss.t(), out=m[0])
+                torch.add(g_dd, g_dd.t(), out=m[1])
+                m_x, m_y = m[0], m[1]
+            else:
+                m_x, m_y = g_ds, g_ds.t()
+            grad_both = torch.empty(2, n, d, dtype=acc, device=image.device)  # [dI, dT], one allocation
+            rows = min(n, _CHUNK_ROWS)
+            buf = torch.empty(rows, 2 * d, dtype=acc, device=image.device)
+            xy = torch.empty(2, rows, d, dtype=acc, device=image.device)
+            sign = _sign(buf)
+            sign3 = sign.view(2, 1, 1)
+            for lo, hi in _row_chunks(n):
+                r = hi - lo
+                p = _fill_sum_difference(buf[:r], image[lo:hi], text[lo:hi], sign)
+                s_rows, d_rows = p[:, :d], p[:, d:]
+                x, y = xy[0, :r], xy[1, :r]
+                torch.mm(s_rows if use_a else d_rows, m_x, out=x)
+                torch.mm(d_rows if use_a else s_rows, m_y, out=y)
+                torch.addcmul(x, y, sign3, out=grad_both[:, lo:hi])
+            grad_image, grad_text = grad_both.unbind(0)
+        return grad_image.to(image.dtype), grad_text.to(text.dtype), None, None
 
 
 class _CyclicForms(torch.autograd.Function):
@@ -143,6 +195,41 @@ class _CyclicForms(torch.autograd.Function):
         torch.mul(g_ds.t(), 2 * grad_b, out=out[1])
         torch.mul(g_ss, grad_a, out=out[2])
         return out
+
+
+class _CyclicPenalty(torch.autograd.Function):
+    """(3, d, d) grams, N, lambda1, lambda2 -> (lambda1 L_I + lambda2 L_C, L_I, L_C), L_I, L_C not
+    differentiable. The values are formed as in :func:`cyclic_losses` (the same bits); the gradient
+    into the grams is w_a [G_dd, 0, G_ss] + w_b [0, 2 G_ds^T, 0] with w_a = g (lambda1 + lambda2) / (2N),
+    w_b = g (lambda1 - lambda2) / (2N), a block whose weight is zero as a Python float is left zero
+    (and not read downstream: see ``_SumDifferenceGrams``'s ``blocks``)."""
+
+    @staticmethod
+    def forward(ctx, grams: torch.Tensor, n, lambda1: float, lambda2: float):
+        g_ss, g_ds, g_dd = grams.unbind(0)
+        a = torch.dot(g_ss.reshape(-1), g_dd.reshape(-1))
+        b = torch.mul(g_ds, g_ds.t()).sum()
+        inmodal, crossmodal = (a + b) / (2 * n), (a - b) / (2 * n)
+        penalty = lambda1 * inmodal + lambda2 * crossmodal
+        ctx.save_for_backward(grams)
+        ctx.n, ctx.lambdas = n, (lambda1, lambda2)
+        ctx.mark_non_differentiable(inmodal, crossmodal)
+        return penalty, inmodal, crossmodal
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_inmodal, _grad_crossmodal):
+        (grams,) = ctx.saved_tensors
+        g_ss, g_ds, g_dd = grams.unbind(0)
+        lambda1, lambda2 = ctx.lambdas
+        out = torch.zeros_like(grams)
+        if lambda1 + lambda2 != 0:
+            w_a = grad * ((lambda1 + lambda2) / 2) / ctx.n
+            torch.mul(g_dd, w_a, out=out[0])
+            torch.mul(g_ss, w_a, out=out[2])
+        if lambda1 - lambda2 != 0:
+            w_b = grad * (lambda1 - lambda2) / ctx.n
+            torch.mul(g_ds.t(), w_b, out=out[1])
+        return out, None, None, None
 
 
 def _validate(image_features: object, text_features: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,6 +274,43 @@ def cyclic_losses(
     return (a + b) / (2 * n), (a - b) / (2 * n)
 
 
+def cyclic_penalty(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    lambda1: float,
+    lambda2: float,
+    *,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``lambda1 * inmodal + lambda2 * crossmodal`` of :func:`cyclic_losses` as one fused op, with
+    gradient, and the two terms (detached, for logging): ``(penalty, inmodal, crossmodal)``.
+
+    Inputs, validation, fp32 accumulation, the one all-reduce across ranks and the gradient
+    semantics (exact after DDP's average) are those of :func:`cyclic_losses`; lambda1, lambda2 are
+    finite Python numbers. The values are the same bits as ``cyclic_losses``'s. The backward does
+    only the GEMMs of the forms whose weight is nonzero, decided from the floats here (no host sync):
+    with lambda1 == lambda2 (the recipe, 0.25 each) b = tr((D^T S)^2) has no gradient and the backward
+    does 2 N d^2 multiply-adds instead of 4 (lambda1 == -lambda2: likewise for a; both 0: none).
+    """
+    weights = []
+    for name, value in (("lambda1", lambda1), ("lambda2", lambda2)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite number, got {value!r}")
+        weights.append(float(value))
+    lambda1, lambda2 = weights
+    image, text = _validate(image_features, text_features)
+    acc = torch.float64 if torch.float64 in (image.dtype, text.dtype) else torch.float32
+    d = image.shape[1]
+    grams = _SumDifferenceGrams.apply(image, text, acc, (lambda1 + lambda2 != 0, lambda1 - lambda2 != 0))
+    if pdist.is_distributed(group):
+        count = torch.full((1,), float(image.shape[0]), dtype=acc, device=image.device)
+        flat = pdist.all_reduce_sum_with_grad(torch.cat([grams.reshape(-1), count]), group)
+        grams, n = flat[:-1].view(3, d, d), flat[-1].detach()
+    else:
+        n = image.shape[0]
+    return _CyclicPenalty.apply(grams, n, lambda1, lambda2)
+
+
 def cyclic_weights(params: Mapping[str, Any], default: float = 0.0) -> tuple[float, float]:
     """(lambda1, lambda2) from ``--cylambda1/--cylambda2``; an unset flag (None) is ``default``
     (CyCLIP: 0.25; a method that only optionally adds the terms, e.g. ProtoCLIP: 0)."""
@@ -215,16 +339,18 @@ def add_cyclic_terms(
     group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor | float:
     """Add ``inmodal_cyclic_loss`` and ``crossmodal_cyclic_loss`` to ``terms`` and return
-    ``cylambda1 * inmodal + cylambda2 * crossmodal`` to add to the method's total.
+    ``cylambda1 * inmodal + cylambda2 * crossmodal`` to add to the method's total, through
+    :func:`cyclic_penalty` (the logged terms are detached: the gradient is the penalty's; with equal
+    weights its backward skips b's GEMMs).
 
     With both weights 0 nothing is computed or logged and 0.0 is returned, so a method can call
     this unconditionally (``--method protoclip`` with ``--cylambda1/2``)."""
     if cylambda1 == 0 and cylambda2 == 0:
         return 0.0
-    inmodal, crossmodal = cyclic_losses(image_features, text_features, group=group)
+    penalty, inmodal, crossmodal = cyclic_penalty(image_features, text_features, cylambda1, cylambda2, group=group)
     terms["inmodal_cyclic_loss"] = inmodal
     terms["crossmodal_cyclic_loss"] = crossmodal
-    return cylambda1 * inmodal + cylambda2 * crossmodal
+    return penalty
 
 
 def one_way_infonce(

@@ -16,8 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyprotoclip.losses import CyCLIPLoss, add_cyclic_terms, cyclic_losses, cyclic_weights, get_method
+from pyprotoclip.losses.cyclip import cyclic_penalty
 from pyprotoclip.ops import skip_value_checks
 from tests.utils import assert_close_verbose, low_precision_error_ok
 
@@ -140,6 +142,122 @@ def test_value_checks_skipped_in_training_steps():
     assert math.isnan(float(inmodal))
 
 
+# ---- the fused penalty: lambda1 * inmodal + lambda2 * crossmodal ------------------------------------------
+
+LAMBDAS = [(0.25, 0.25), (0.25, 0.5), (0.3, -0.3), (0.0, 0.7)]
+
+
+def penalty_grads(fn, image, text, w1, w2):
+    """(penalty, inmodal, crossmodal, grad image, grad text) of w1 * inmodal + w2 * crossmodal."""
+    image, text = image.detach().clone().requires_grad_(), text.detach().clone().requires_grad_()
+    if fn is cyclic_penalty:
+        penalty, inmodal, crossmodal = cyclic_penalty(image, text, w1, w2)
+        assert not inmodal.requires_grad and not crossmodal.requires_grad
+    else:
+        inmodal, crossmodal = fn(image, text)
+        penalty = w1 * inmodal + w2 * crossmodal
+    penalty.backward()
+    return penalty.detach(), inmodal.detach(), crossmodal.detach(), image.grad, text.grad
+
+
+@pytest.mark.parametrize("w1,w2", LAMBDAS)
+@pytest.mark.parametrize("n,d,noise", [(7, 5, 1.0), (33, 64, 0.3), (130, 96, 0.01)])
+def test_penalty_matches_direct_formulas_fp32(n, d, noise, w1, w2):
+    image, text = features(n, d, noise=noise, seed=11)
+    want = penalty_grads(direct, image, text, w1, w2)
+    got = penalty_grads(cyclic_penalty, image.float(), text.float(), w1, w2)
+    for g, w, name in zip(got, want, ("penalty", "inmodal", "crossmodal", "grad image", "grad text")):
+        assert g.dtype == torch.float32
+        assert_close_verbose(g, w, atol=1e-6, rtol=1e-5, name=name)
+
+
+@pytest.mark.parametrize("w1,w2", LAMBDAS)
+def test_penalty_row_chunks_and_float64(monkeypatch, w1, w2):
+    from pyprotoclip.losses import cyclip
+
+    monkeypatch.setattr(cyclip, "_CHUNK_ROWS", 8)
+    image, text = features(37, 7, noise=0.3, seed=5)
+    want = penalty_grads(direct, image, text, w1, w2)
+    for dtype, atol, rtol in ((torch.float64, 1e-12, 1e-11), (torch.float32, 1e-6, 1e-5)):
+        got = penalty_grads(cyclic_penalty, image.to(dtype), text.to(dtype), w1, w2)
+        for g, w, name in zip(got, want, ("penalty", "inmodal", "crossmodal", "grad image", "grad text")):
+            assert_close_verbose(g, w.to(dtype), atol=atol, rtol=rtol, name=f"{name} {dtype}")
+
+
+@pytest.mark.parametrize("w1,w2", LAMBDAS)
+def test_penalty_bf16_accumulates_in_fp32(w1, w2):
+    image64, text64 = features(300, 64, noise=0.5, seed=3)
+    image, text = image64.bfloat16(), text64.bfloat16()
+    want = penalty_grads(direct, image.double(), text.double(), w1, w2)
+    got = penalty_grads(cyclic_penalty, image, text, w1, w2)
+    same_dtype = penalty_grads(direct, image, text, w1, w2)
+    assert got[0].dtype == torch.float32 and got[3].dtype == torch.bfloat16
+    for g, w, name in zip(got[:3], want[:3], ("penalty", "inmodal", "crossmodal")):
+        assert_close_verbose(g, w, atol=1e-6, rtol=1e-5, name=name)
+    for g, r, w, name in zip(got[3:], same_dtype[3:], want[3:], ("grad image", "grad text")):
+        low_precision_error_ok(g, r, w, slack=1e-6, name=name)
+        assert_close_verbose(g, w, atol=1e-6, rtol=2**-8, name=name)
+
+
+@pytest.mark.parametrize("w1,w2", LAMBDAS + [(0.0, 0.0)])
+def test_penalty_gradcheck_float64(w1, w2):
+    image, text = features(6, 4, seed=2)
+    assert torch.autograd.gradcheck(lambda i, t: cyclic_penalty(i, t, w1, w2)[0],
+                                    (image.requires_grad_(), text.requires_grad_()))
+
+
+def test_penalty_values_are_the_bits_of_cyclic_losses():
+    image, text = features(64, 32, noise=0.5, seed=8)
+    image, text = image.float(), text.float()
+    inmodal, crossmodal = cyclic_losses(image, text)
+    for w1, w2 in LAMBDAS:
+        penalty, i, c = cyclic_penalty(image, text, w1, w2)
+        assert torch.equal(i, inmodal) and torch.equal(c, crossmodal)
+        assert torch.equal(penalty, w1 * inmodal + w2 * crossmodal)
+
+
+@pytest.mark.parametrize("w1,w2,mults", [(0.25, 0.25, 2), (0.3, -0.3, 2), (0.25, 0.5, 4), (0.0, 0.7, 4), (0.0, 0.0, 0)])
+def test_penalty_backward_does_only_the_needed_gemms(w1, w2, mults):
+    """Backward multiply-adds: 2 N d^2 when one form has weight 0 (equal or opposite weights), 4 N d^2
+    otherwise, none with both 0; the forward is 3 N d^2 either way (both terms are logged)."""
+    n, d = 40, 16
+    image, text = (t.float().requires_grad_() for t in features(n, d, seed=9))
+    with _MatmulCount() as forward_count:
+        penalty, _, _ = cyclic_penalty(image, text, w1, w2)
+    with _MatmulCount() as backward_count:
+        penalty.backward()
+    assert forward_count.madds == 3 * n * d * d
+    assert backward_count.madds == mults * n * d * d
+
+
+class _MatmulCount(TorchDispatchMode):
+    """Multiply-adds of the matrix-matrix products (mm, addmm, bmm, ..., out= and in-place forms included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.madds = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul"):
+            a, b = (args[1], args[2]) if name.startswith("add") or name == "baddbmm" else (args[0], args[1])
+            self.madds += a.numel() * b.shape[-1]
+        return func(*args, **(kwargs or {}))
+
+
+def test_penalty_bad_input():
+    with pytest.raises(ValueError, match="text_features"):
+        cyclic_penalty(torch.zeros(4, 3), torch.zeros(5, 3), 0.25, 0.25)
+    with pytest.raises(ValueError, match="image_features"):
+        cyclic_penalty(torch.tensor([[1.0, float("nan")]]), torch.ones(1, 2), 0.25, 0.25)
+    for bad in (float("nan"), float("inf"), None, "0.25", torch.tensor(0.25)):
+        with pytest.raises(ValueError, match="lambda2"):
+            cyclic_penalty(torch.ones(2, 2), torch.ones(2, 2), 0.25, bad)
+    with skip_value_checks():
+        penalty, _, _ = cyclic_penalty(torch.tensor([[1.0, float("nan")]]), torch.ones(1, 2), 0.25, 0.25)
+    assert math.isnan(float(penalty))
+
+
 # ---- memory -----------------------------------------------------------------------------------------------
 
 _MEMORY_SCRIPT = textwrap.dedent(
@@ -230,6 +348,12 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         inmodal, crossmodal = cyclic_losses(i, t)
         (0.7 * inmodal + 1.3 * crossmodal).backward()
         out.update(inmodal=inmodal.detach(), crossmodal=crossmodal.detach(), grad_image=i.grad, grad_text=t.grad)
+        # the fused penalty with equal weights (b's backward skipped), same unequal batches
+        i, t = image[sl].clone().requires_grad_(), text[sl].clone().requires_grad_()
+        penalty, p_in, p_cross = cyclic_penalty(i, t, 0.25, 0.25)
+        penalty.backward()
+        out.update(penalty=penalty.detach(), penalty_terms=torch.stack([p_in, p_cross]),
+                   penalty_grad_image=i.grad, penalty_grad_text=t.grad)
         # the whole loss module with the in-modal contrastive term
         sl = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         local = {k: v[sl].clone().requires_grad_() for k, v in
@@ -263,6 +387,12 @@ def test_two_processes_gloo_match_single_process(tmp_path):
         assert_close_verbose(r["crossmodal"], want[1], atol=1e-6, rtol=1e-5, name="crossmodal")
     assert_close_verbose(torch.cat([r["grad_image"] for r in res]) / world, want[2], atol=1e-6, name="grad image")
     assert_close_verbose(torch.cat([r["grad_text"] for r in res]) / world, want[3], atol=1e-6, name="grad text")
+    want_p = penalty_grads(direct, image[:n].double(), text[:n].double(), 0.25, 0.25)
+    for r in res:
+        assert_close_verbose(r["penalty"], want_p[0], atol=1e-6, rtol=1e-5, name="penalty")
+        assert torch.equal(r["penalty_terms"], torch.stack([r["inmodal"], r["crossmodal"]]))
+    assert_close_verbose(torch.cat([r["penalty_grad_image"] for r in res]) / world, want_p[3], atol=1e-6, name="penalty grad image")
+    assert_close_verbose(torch.cat([r["penalty_grad_text"] for r in res]) / world, want_p[4], atol=1e-6, name="penalty grad text")
 
     # the loss module: cyclic terms global, contrastive terms the mean of the rank-local ones
     names = ("image_features", "text_features", "augmented_image_features", "augmented_text_features")
