@@ -30,7 +30,7 @@ The trainer adds lambda1 L_I + lambda2 L_C = ((lambda1 + lambda2) a + (lambda1 -
 backward only the GEMMs of the forms whose coefficient is nonzero, known from the Python floats at
 forward time: with the recipe's equal weights b has no gradient and the backward is
 dS = S (G_ss + G_ss^T), dD = D (G_dd + G_dd^T), two N d^2 GEMMs instead of four (lambda1 = -lambda2:
-a has none, dS = D G_ds, dD = S G_ds^T).
+a has none, dS = D G_ds, dD = S G_ds^T), at the cost of one more (2, min(N, chunk), d) buffer.
 """
 
 from __future__ import annotations
