@@ -30,7 +30,7 @@ The trainer adds lambda1 L_I + lambda2 L_C = ((lambda1 + lambda2) a + (lambda1 -
 backward only the GEMMs of the forms whose coefficient is nonzero, known from the Python floats at
 forward time: with the recipe's equal weights b has no gradient and the backward is
 dS = S (G_ss + G_ss^T), dD = D (G_dd + G_dd^T), two N d^2 GEMMs instead of four (lambda1 = -lambda2:
-a has none, dS = D G_ds, dD = S G_ds^T), at the cost of one more (2, min(N, chunk), d) buffer.
+a has none, dS = D G_ds, dD = S G_ds^T), in the same buffers.
 """
 
 from __future__ import annotations
@@ -140,8 +140,8 @@ class _SumDifferenceGrams(torch.autograd.Function):
     def _backward_one_form(ctx, grad: torch.Tensor, image: torch.Tensor, text: torch.Tensor):
         """The backward when only a's blocks (S^T S, D^T D) or only b's (D^T S) carry gradient:
         dS = X, dD = Y with X = S (G_ss + G_ss^T), Y = D (G_dd + G_dd^T) for a, X = D G_ds,
-        Y = S G_ds^T for b; two N d^2 GEMMs into a (2, r, d) buffer per chunk of rows, then
-        [dI, dT] = [X + Y, X - Y] in one exact pass (X + sign * Y, sign = +-1) into the outputs."""
+        Y = S G_ds^T for b; per chunk of rows two N d^2 GEMMs, Y into dT's rows and X into the half
+        of the [S D] buffer that Y has read, then dI = X + Y, dT = X - Y in place (no other buffer)."""
         n, d = image.shape
         acc = ctx.acc_dtype
         use_a, use_b = ctx.blocks
@@ -157,19 +157,17 @@ class _SumDifferenceGrams(torch.autograd.Function):
             else:
                 m_x, m_y = g_ds, g_ds.t()
             grad_both = torch.empty(2, n, d, dtype=acc, device=image.device)  # [dI, dT], one allocation
-            rows = min(n, _CHUNK_ROWS)
-            buf = torch.empty(rows, 2 * d, dtype=acc, device=image.device)
-            xy = torch.empty(2, rows, d, dtype=acc, device=image.device)
+            buf = torch.empty(min(n, _CHUNK_ROWS), 2 * d, dtype=acc, device=image.device)
             sign = _sign(buf)
-            sign3 = sign.view(2, 1, 1)
             for lo, hi in _row_chunks(n):
-                r = hi - lo
-                p = _fill_sum_difference(buf[:r], image[lo:hi], text[lo:hi], sign)
+                p = _fill_sum_difference(buf[: hi - lo], image[lo:hi], text[lo:hi], sign)
                 s_rows, d_rows = p[:, :d], p[:, d:]
-                x, y = xy[0, :r], xy[1, :r]
-                torch.mm(s_rows if use_a else d_rows, m_x, out=x)
-                torch.mm(d_rows if use_a else s_rows, m_y, out=y)
-                torch.addcmul(x, y, sign3, out=grad_both[:, lo:hi])
+                # Y first, into dT's rows; its operand's half of [S D] is then dead and takes X
+                y_operand, x_operand = (d_rows, s_rows) if use_a else (s_rows, d_rows)
+                y = torch.mm(y_operand, m_y, out=grad_both[1, lo:hi])
+                x = torch.mm(x_operand, m_x, out=y_operand)
+                torch.add(x, y, out=grad_both[0, lo:hi])
+                torch.sub(x, y, out=y)
             grad_image, grad_text = grad_both.unbind(0)
         return grad_image.to(image.dtype), grad_text.to(text.dtype), None, None
 
