@@ -240,6 +240,21 @@ def _validate(image_features: object, text_features: object) -> tuple[torch.Tens
     return image, text
 
 
+def _global_grams(image_features: object, text_features: object, group: dist.ProcessGroup | None,
+                  *needs: tuple[bool, bool]) -> tuple[torch.Tensor, Any]:
+    """The validated inputs' (3, d, d) Gram matrices summed over ranks (one all-reduce, with the row count)
+    and the global row count N. ``needs``: which forms' gradients the backward computes (default both)."""
+    image, text = _validate(image_features, text_features)
+    acc = torch.float64 if torch.float64 in (image.dtype, text.dtype) else torch.float32
+    d = image.shape[1]
+    grams = _SumDifferenceGrams.apply(image, text, acc, *needs)
+    if not pdist.is_distributed(group):
+        return grams, image.shape[0]
+    count = torch.full((1,), float(image.shape[0]), dtype=acc, device=image.device)
+    flat = pdist.all_reduce_sum_with_grad(torch.cat([grams.reshape(-1), count]), group)
+    return flat[:-1].view(3, d, d), flat[-1].detach()
+
+
 def cyclic_losses(
     image_features: torch.Tensor, text_features: torch.Tensor, *, group: dist.ProcessGroup | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,16 +273,7 @@ def cyclic_losses(
     they equal the single-process gradients on the concatenated batch. Cost: O(N d^2) time, O(d^2)
     saved memory, one all-reduce of 3 d^2 + 1 numbers. See the module docstring for the method.
     """
-    image, text = _validate(image_features, text_features)
-    acc = torch.float64 if torch.float64 in (image.dtype, text.dtype) else torch.float32
-    d = image.shape[1]
-    grams = _SumDifferenceGrams.apply(image, text, acc)
-    if pdist.is_distributed(group):
-        count = torch.full((1,), float(image.shape[0]), dtype=acc, device=image.device)
-        flat = pdist.all_reduce_sum_with_grad(torch.cat([grams.reshape(-1), count]), group)
-        grams, n = flat[:-1].view(3, d, d), flat[-1].detach()
-    else:
-        n = image.shape[0]
+    grams, n = _global_grams(image_features, text_features, group)
     a, b = _CyclicForms.apply(grams)
     return (a + b) / (2 * n), (a - b) / (2 * n)
 
@@ -296,16 +302,7 @@ def cyclic_penalty(
             raise ValueError(f"{name}: expected a finite number, got {value!r}")
         weights.append(float(value))
     lambda1, lambda2 = weights
-    image, text = _validate(image_features, text_features)
-    acc = torch.float64 if torch.float64 in (image.dtype, text.dtype) else torch.float32
-    d = image.shape[1]
-    grams = _SumDifferenceGrams.apply(image, text, acc, (lambda1 + lambda2 != 0, lambda1 - lambda2 != 0))
-    if pdist.is_distributed(group):
-        count = torch.full((1,), float(image.shape[0]), dtype=acc, device=image.device)
-        flat = pdist.all_reduce_sum_with_grad(torch.cat([grams.reshape(-1), count]), group)
-        grams, n = flat[:-1].view(3, d, d), flat[-1].detach()
-    else:
-        n = image.shape[0]
+    grams, n = _global_grams(image_features, text_features, group, (lambda1 + lambda2 != 0, lambda1 - lambda2 != 0))
     return _CyclicPenalty.apply(grams, n, lambda1, lambda2)
 
 
