@@ -153,7 +153,9 @@ def _is_visual(name: str) -> bool:
 
 
 def _streams(shards: list[str]) -> bool:
-    return any(not os.path.isfile(s) for s in shards)
+    from pyprotoclip.data.pipeline import _is_url  # the data layer's one rule of what streams
+
+    return any(_is_url(s) for s in shards)
 
 
 @register_method
