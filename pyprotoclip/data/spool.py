@@ -50,6 +50,7 @@ from pyprotoclip.data.pipeline import (
     too_bad,
 )
 from pyprotoclip.data.writer import ShardWriter
+from pyprotoclip.progress import ProgressClock, format_duration
 
 logger = logging.getLogger("pyprotoclip.data")
 
@@ -147,7 +148,7 @@ def spool_episode(shards: Sequence[str], *, cache_dir: str, episode: int, rank: 
     sources: list[int] = []
     draws: list[int] = []
     dry = 0  # draws in a row without a usable sample
-    t0 = last = time.time()
+    t0, clock = time.time(), ProgressClock(every_s)
     try:
         with ShardWriter(tmp, SAMPLES_PER_SPOOL_SHARD) as writer:
             for s in shard_draws(len(shards), seed=seed, episode=episode, rank=rank, world_size=world_size):
@@ -183,12 +184,12 @@ def spool_episode(shards: Sequence[str], *, cache_dir: str, episode: int, rank: 
                                        f"{len(keys)} of {num_samples} samples: {why}; {describe_bad(_summary(stats))}")
                 if len(keys) == num_samples:
                     break
-                if time.time() - last > every_s:
-                    last = time.time()
-                    rate = len(keys) / max(last - t0, 1e-9)
+                if clock.due():
+                    clock.mark()
+                    rate = len(keys) / max(time.time() - t0, 1e-9)
                     log.info("episode %d: spooling %d/%d samples on this process (%d shard draws, %.0f samples/s, "
-                             "ETA %.0f s)", episode, len(keys), num_samples, len(draws), rate,
-                             (num_samples - len(keys)) / max(rate, 1e-9))
+                             "ETA %s)", episode, len(keys), num_samples, len(draws), rate,
+                             format_duration((num_samples - len(keys)) / max(rate, 1e-9)))
         np.savez(os.path.join(tmp, SOURCES), keys=np.array(keys, dtype=np.str_), shards=np.array(sources, dtype=np.int64))
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump({**identity, "digest": _digest(keys, sources), "draws": draws, "stats": _summary(stats)}, f)
