@@ -115,16 +115,15 @@ def teacher_features(index, spec: str, *, dim: int, rank: int = 0, world_size: i
 
     With a model, each rank embeds its share of the shards (cached beside them); then every rank reads all
     caches. With a feature file, rows are matched to samples by key (a sample without a row is an error).
-    ``own_index``: ``index`` is this process's alone (it embeds all of it; no collective).
+    ``own_index``: ``index`` is this process's alone (rank 0 of world size 1 here: it embeds all of it, no
+    collective).
     """
     from pyprotoclip import distributed as pdist
 
     kind, path = resolve_teacher(spec)
     if kind == "model":
-        if own_index:
-            embed_shards(index, path, shards=range(len(index.shards)), device=device)
-        else:
-            embed_shards(index, path, shards=range(rank, len(index.shards), world_size), device=device)
+        embed_shards(index, path, shards=range(rank, len(index.shards), world_size), device=device)
+        if not own_index:  # the other ranks embed the rest of a shared index
             pdist.barrier()
         parts = [_load_feature_file(_cache_path(shard, path))[1] for shard in index.shards]
         feats = torch.cat(parts) if parts else torch.zeros((0, 1))
