@@ -3,7 +3,7 @@
 # tiny ProtoCLIP on CPU with the same sample budget, evaluate both, print the results side by side and
 # draw their accuracy-vs-samples curves.
 #   bash tools/demo.sh                 (re-running skips the set-up and data steps already done)
-# Cost: 2645 s in all (about 44 minutes; README.md), measured on a 2-core AMD EPYC with DEMO_THREADS=1 while
+# Cost: 1296 s after set-up on an idle 2-core AMD EPYC (213 and 202 training samples/s; README.md); 2645 s with DEMO_THREADS=1 while
 # another job held the other core. Training shows a tqdm bar on a terminal; when stdout is not a terminal
 # (a log file, CI) it prints a line every 20 steps and a progress line with an ETA at least every ~30 s.
 # Environment knobs: VENV (default .venv), DEMO_DIR (default demo), DEMO_METHODS (default "clip protoclip";
