@@ -73,6 +73,11 @@ TORCH_LIBRARY_FRAGMENT(pyprotoclip, m) {
       "Tensor temperature, Tensor? target_index, Tensor? target_probs, Tensor? teacher_features, "
       "Tensor? teacher_prototypes, Tensor? teacher_temperature, Tensor lse, Tensor teacher_lse, bool[3] output_mask) "
       "-> (Tensor grad_features, Tensor grad_prototypes, Tensor grad_temperature)");
+  m.def(
+      "_proto_softmax_loss_and_grad(Tensor features, Tensor prototypes, Tensor temperature, Tensor? target_index, "
+      "Tensor? target_probs, Tensor? teacher_features, Tensor? teacher_prototypes, Tensor? teacher_temperature, "
+      "bool[3] output_mask) -> (Tensor loss, Tensor lse, Tensor teacher_lse, Tensor grad_features, "
+      "Tensor grad_prototypes, Tensor grad_temperature)");
   m.def("proto_assign(Tensor features, Tensor prototypes, Tensor temperature) -> Tensor");
   m.def(
       "proto_assign_topk(Tensor features, Tensor prototypes, Tensor temperature, int k) -> "

@@ -36,6 +36,28 @@ void sub_scaled(float* out, const float* y, int64_t m, float mul) {
   for (int64_t j = 0; j < m; ++j) out[j] -= mul * y[j];
 }
 
+// One row of the backward, in place. With a = x / tau, p = softmax(a), s = sum_j q_j and
+// loss = s lse - sum_j q_j a_j, the gradient reaching a_j is g_j = cp p_j - w q_j, where w is the gradient
+// reaching the loss, v the one reaching lse and cp = w s + v (a hard target: q = one-hot(idx), s = 1).
+// row holds the raw dots x; qr is the target row (soft, or the teacher's exponentiated) or null for a
+// hard one. When coef, row becomes g / tau = dL/dx. Returns sum_j g_j x_j when need_t (dL/dtau is
+// -(1/tau^2) times its sum over rows), else 0.
+double gradient_row(float* row, int64_t k, const float* qr, int64_t idx, float it, float lse, float cp, float w,
+                    bool need_t, bool coef) {
+  double g_dot_x = 0.0;
+  if (need_t) {
+    g_dot_x = double(cp) * cpu::sum_exp_affine_times_x(row, k, it, lse);
+    if (qr) g_dot_x -= double(w) * cpu::dot(qr, row, k);
+    if (!qr) g_dot_x -= double(w) * row[idx];
+  }
+  if (coef) {
+    cpu::exp_affine(row, row, k, it, lse, cp * it);  // row <- cp p / tau
+    if (qr) sub_scaled(row, qr, k, w * it);
+    if (!qr) row[idx] -= w * it;
+  }
+  return g_dot_x;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
     const at::Tensor& features, const at::Tensor& prototypes, const at::Tensor& temperature,
     const std::optional<at::Tensor>& target_index, const std::optional<at::Tensor>& target_probs,
@@ -136,9 +158,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cpu(
           float* row = b + i * k;
           const int64_t gi = r0 + i;
           const float w = glp[gi], v = gsp ? gsp[gi] : 0.0f;
-          // With a = x / tau, p = softmax(a), s_i = sum_j q_ij and loss_i = s_i lse_i - sum_j q_ij a_ij:
-          // g_ij = dL/da_ij = (w_i s_i + v_i) p_ij - w_i q_ij (v_i: gradient reaching lse_i),
-          // dL/dx_ij = g_ij / tau, dL/dtau = -(1/tau) sum_ij g_ij a_ij = -(1/tau^2) sum_ij g_ij x_ij.
           float* qr = nullptr;
           float s = 1.0f;
           if (tg.mode == Mode::kSoft) {
@@ -148,19 +167,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cpu(
             qr = qb + i * k;
             cpu::exp_affine(qr, qr, k, inv_tau_t, tlp[gi], 1.0f);
           }
-          const float cp = w * s + v;
-          double g_dot_x = 0.0;
-          if (need_t) {
-            g_dot_x = double(cp) * cpu::sum_exp_affine_times_x(row, k, it, lp[gi]);
-            if (qr) g_dot_x -= double(w) * cpu::dot(qr, row, k);
-            if (tg.mode == Mode::kHard) g_dot_x -= double(w) * row[idx_p[gi]];
-            tau_terms[gi] = g_dot_x;
-          }
-          if (need_f || need_p) {
-            cpu::exp_affine(row, row, k, it, lp[gi], cp * it);  // row <- cp p / tau
-            if (qr) sub_scaled(row, qr, k, w * it);
-            if (tg.mode == Mode::kHard) row[idx_p[gi]] -= w * it;
-          }
+          const int64_t idx = idx_p ? idx_p[gi] : -1;
+          tau_terms[gi] = gradient_row(row, k, qr, idx, it, lp[gi], w * s + v, w, need_t, need_f || need_p);
         }
       });
       if (need_f || need_p) backprop_block(blk, f_blk, pf, grad_f.narrow(0, r0, r1 - r0), need_p ? &grad_p : nullptr);
@@ -171,6 +179,99 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_backward_cpu(
   auto grad_t = at::full({}, -gt * double(it) * double(it), f32);
   return {grad_f.to(features.scalar_type()), grad_p.to(prototypes.scalar_type()),
           grad_t.to(temperature.scalar_type())};
+}
+
+// The loss and, in the same pass over the logits, the gradients of every row's loss alone (upstream
+// gradient 1 per row, none reaching lse): grad_features (n, d) fp32, row i = dloss_i/dF_i;
+// grad_prototypes (k, d) fp32 = sum_i dloss_i/dP (0 rows unless output_mask[1]); grad_temperature (n,)
+// fp32, dloss_i/dtau. The gradient of sum_i w_i loss_i is then w_i times row i of grad_features,
+// sum_i w_i grad_temperature_i, and, for equal w_i, w times grad_prototypes: two GEMMs per block
+// (logits, dF) where a forward and a recomputing backward take three.
+// A hard target needs no normalised softmax: the block keeps e_ij = exp(a_ij - max_i) from the one
+// exp pass that sums them, and the 1/sum_i scaling and the -P[target_i] term are applied to the
+// (rows, d) products, not to the (rows, k) block.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_and_grad_cpu(
+    const at::Tensor& features, const at::Tensor& prototypes, const at::Tensor& temperature,
+    const std::optional<at::Tensor>& target_index, const std::optional<at::Tensor>& target_probs,
+    const std::optional<at::Tensor>& teacher_features, const std::optional<at::Tensor>& teacher_prototypes,
+    const std::optional<at::Tensor>& teacher_temperature, std::array<bool, 3> output_mask) {
+  const char* op = "_proto_softmax_loss_and_grad";
+  check_proto_features(op, features, prototypes, temperature);
+  const int64_t n = features.size(0), k = prototypes.size(0), d = features.size(1);
+  Targets tg = make_proto_targets(op, features, k, target_index, target_probs, teacher_features,
+                                  teacher_prototypes, teacher_temperature);
+  const float inv_tau_t = teacher_inverse_temperature(op, tg);
+  const bool need_p = output_mask[1], need_t = output_mask[2];
+  const auto f32 = features.options().dtype(at::kFloat);
+  auto loss = at::empty({n}, f32), lse = at::empty({n}, f32);
+  auto teacher_lse = at::empty({tg.mode == Mode::kTeacher ? n : 0}, f32);
+  auto grad_f = at::empty({n, d}, f32), grad_p = at::zeros({need_p ? k : 0, d}, f32);
+  auto grad_t = at::zeros({n}, f32);
+  if (n == 0) return {loss, lse, teacher_lse, grad_f, grad_p, grad_t};
+  const float it = 1.0f / positive_value(op, "temperature", temperature);
+  const auto ff = gemm_operand(features), pf = gemm_operand(prototypes);
+  float *loss_p = loss.data_ptr<float>(), *lse_p = lse.data_ptr<float>(), *gt_p = grad_t.data_ptr<float>();
+  float* tlse_p = tg.mode == Mode::kTeacher ? teacher_lse.data_ptr<float>() : nullptr;
+  const bool hard = tg.mode == Mode::kHard;
+  const int64_t* idx_p = hard ? tg.index.data_ptr<int64_t>() : nullptr;
+  const int64_t rows = tg.rows_per_block(n, k, features);
+  auto row_scale = at::empty({rows, 1}, f32);  // hard: 1 / (tau sum_j e_ij)
+  for_each_gemm_block(ff, pf, rows, [&](int64_t r0, int64_t r1, const at::Tensor& f_blk, at::Tensor& blk) {
+    float* b = blk.data_ptr<float>();
+    const at::Tensor q = tg.block_q(r0, r1);
+    float* qb = q.defined() ? q.data_ptr<float>() : nullptr;
+    const auto q_sum = tg.mode == Mode::kSoft ? q.sum(1) : at::Tensor();
+    const float* qs = q_sum.defined() ? q_sum.data_ptr<float>() : nullptr;
+    float* scale_p = row_scale.data_ptr<float>();
+    at::parallel_for(0, r1 - r0, cpu::row_grain(k), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        float* row = b + i * k;
+        const int64_t gi = r0 + i;
+        if (hard) {
+          const float x_target = row[idx_p[gi]];
+          const float mx = cpu::max_affine(row, k, it);
+          float sum_ex = 0.0f;
+          const float sum_e = cpu::store_exp_affine_sums(row, row, k, it, mx, &sum_ex);  // row <- e
+          const float l = mx + std::log(sum_e);
+          lse_p[gi] = l;
+          loss_p[gi] = l - it * x_target;
+          scale_p[i] = it / sum_e;
+          // sum_j g_ij x_ij = sum_j p_ij x_ij - x_i,target
+          gt_p[gi] = -it * it * (sum_ex / sum_e - x_target);
+          continue;
+        }
+        const float l = cpu::row_lse(row, k, it);
+        lse_p[gi] = l;
+        float* qr = qb + i * k;
+        float s = 1.0f;
+        if (tg.mode == Mode::kSoft) {
+          s = qs[i];
+          loss_p[gi] = s * l - it * cpu::dot(qr, row, k);
+        } else {
+          const float tl = cpu::row_lse(qr, k, inv_tau_t);
+          tlse_p[gi] = tl;
+          cpu::exp_affine(qr, qr, k, inv_tau_t, tl, 1.0f);
+          loss_p[gi] = l - it * cpu::dot(qr, row, k);
+        }
+        gt_p[gi] = float(-double(it) * it * gradient_row(row, k, qr, -1, it, l, s, 1.0f, need_t, true));
+      }
+    });
+    const int64_t r = r1 - r0;
+    at::Tensor gf = grad_f.narrow(0, r0, r);
+    if (!hard) {
+      backprop_block(blk, f_blk, pf, gf, need_p ? &grad_p : nullptr);
+      return;
+    }
+    // blk holds e: dL/dF = (it / sum_e) e P - it P[target], dL/dP = e^T ((it / sum_e) F) - it onehot^T F
+    const at::Tensor scale = block_view(row_scale, r), idx = tg.index.narrow(0, r0, r);
+    at::mm_out(gf, blk, pf);
+    gf.mul_(scale).sub_(pf.index_select(0, idx), it);
+    if (need_p) {
+      grad_p.addmm_(blk.t(), f_blk * scale);
+      grad_p.index_add_(0, idx, f_blk, -it);
+    }
+  });
+  return {loss, lse, teacher_lse, grad_f, grad_p, grad_t};
 }
 
 at::Tensor proto_assign_cpu(const at::Tensor& features, const at::Tensor& prototypes, const at::Tensor& temperature) {
@@ -263,6 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_assign_backward_cpu(
 TORCH_LIBRARY_IMPL(pyprotoclip, CPU, m) {
   m.impl("proto_softmax_loss", &proto_softmax_loss_cpu);
   m.impl("_proto_softmax_loss_backward", &proto_softmax_loss_backward_cpu);
+  m.impl("_proto_softmax_loss_and_grad", &proto_softmax_loss_and_grad_cpu);
   m.impl("proto_assign", &proto_assign_cpu);
   m.impl("proto_assign_topk", &proto_assign_topk_cpu);
   m.impl("_proto_assign_backward", &proto_assign_backward_cpu);

@@ -85,6 +85,33 @@ PYPROTOCLIP_MULTIVERSION void exp_affine(const float* x, float* out, int64_t m, 
   for (int64_t j = 0; j < m; ++j) out[j] = mul * fast_exp(a * x[j] - b);
 }
 
+PYPROTOCLIP_MULTIVERSION float store_exp_affine_sums(const float* x, float* out, int64_t m, float a, float b,
+                                                     float* sum_times_x) {
+  float sums[kLanes], sums_x[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) sums[l] = sums_x[l] = 0.0f;
+  int64_t j = 0;
+  for (; j + kLanes <= m; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float v = x[j + l], e = fast_exp(a * v - b);
+      out[j + l] = e;
+      sums[l] += e;
+      sums_x[l] += e * v;
+    }
+  float s = 0.0f, sx = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    s += sums[l];
+    sx += sums_x[l];
+  }
+  for (; j < m; ++j) {
+    const float v = x[j], e = fast_exp(a * v - b);
+    out[j] = e;
+    s += e;
+    sx += e * v;
+  }
+  *sum_times_x = sx;
+  return s;
+}
+
 PYPROTOCLIP_MULTIVERSION void add_exp_affine_cols(const float* x, float* out, int64_t m, float a, const float* b,
                                                    const float* mul) {
   for (int64_t j = 0; j < m; ++j) out[j] += mul[j] * fast_exp(a * x[j] - b[j]);

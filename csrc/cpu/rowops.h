@@ -35,6 +35,9 @@ float row_lse(const float* x, int64_t m, float a);
 float sum_exp_affine_times_x(const float* x, int64_t m, float a, float b);
 // out[j] = mul * exp(a*x[j] - b); out may alias x.
 void exp_affine(const float* x, float* out, int64_t m, float a, float b, float mul);
+// out[j] = exp(a*x[j] - b); returns sum_j out[j] and stores sum_j out[j] * x[j] in *sum_times_x, in one
+// pass (a softmax's numerators, its normaliser and its expectation of x). out may alias x.
+float store_exp_affine_sums(const float* x, float* out, int64_t m, float a, float b, float* sum_times_x);
 // out[j] += mul[j] * exp(a*x[j] - b[j])  (per-column shift and weight)
 void add_exp_affine_cols(const float* x, float* out, int64_t m, float a, const float* b, const float* mul);
 // out[j] = mul * x[j]; out may alias x.

@@ -135,8 +135,9 @@ def proto_cross_entropy(
         with ``teacher_temperature`` tau_t > 0: q_i = softmax_j(T_i . C_j / tau_t), computed in the kernel.
     reduction: "mean" (0-d, mean over rows), "sum" (0-d) or "none" ((B,) per row). float32 result.
     Gradients flow to features, prototypes and temperature; never to the target or the teacher side.
-    Memory: O((B + K) d + block), never O(B K) (soft targets are themselves (B, K)); the backward
-    recomputes the logits block by block from the saved per-row log-sum-exps.
+    Memory: O((B + K) d + block), never O(B K) (soft targets are themselves (B, K)). On CPU, when a gradient
+    is needed, the forward pass computes it too (two GEMMs in all, the backward only scales it); otherwise,
+    and on CUDA, the backward recomputes the logits block by block from the saved per-row log-sum-exps.
     """
     features, prototypes = _validate_features(features, prototypes)
     temperature = checks.scalar(
@@ -194,15 +195,29 @@ def proto_cross_entropy(
 
 
 class _ProtoLoss(torch.autograd.Function):
-    """The compiled loss and its reduction as one autograd node, for eager calls: the same kernels and the same
-    bits as the op's registered autograd followed by the reduction, without its per-call Python work (most of
-    the cost at small B and K). torch.compile traces the registered op instead."""
+    """The compiled loss and its reduction as one autograd node, for eager calls, without the registered op's
+    per-call Python work (most of the cost at small B and K). torch.compile traces the registered op instead.
+
+    On CPU, when a gradient is needed, the forward pass also computes each row's own gradient
+    (``_proto_softmax_loss_and_grad``) and the backward pass only scales it: two GEMMs per block instead of
+    three (the recomputing backward forms the logits again). That needs equal weights per row for the
+    prototypes' gradient, so ``reduction="none"`` with trainable prototypes, and CUDA, take the recomputing
+    backward, which gives the registered op's bits exactly. The scaled gradients match it to fp32 rounding
+    (the upstream weight is applied after the products rather than before); the loss is the same bits."""
 
     @staticmethod
     def forward(ctx, reduction, *args):
+        features, prototypes, temperature = args[:3]
+        needs = list(ctx.needs_input_grad[1:4])
+        ctx.fused = any(needs) and features.device.type == "cpu" and not (needs[1] and reduction == "none")
         with torch._C._AutoDispatchBelowAutograd():
-            loss, lse, teacher_lse = torch.ops.pyprotoclip.proto_softmax_loss(*args)
-        ctx.save_for_backward(*args, lse, teacher_lse)
+            if ctx.fused:
+                loss, _, _, grad_f, grad_p, grad_t = torch.ops.pyprotoclip._proto_softmax_loss_and_grad(*args, needs)
+                ctx.save_for_backward(grad_f, grad_p, grad_t)
+                ctx.dtypes = (features.dtype, prototypes.dtype, temperature.dtype)
+            else:
+                loss, lse, teacher_lse = torch.ops.pyprotoclip.proto_softmax_loss(*args)
+                ctx.save_for_backward(*args, lse, teacher_lse)
         ctx.reduction = reduction
         if reduction == "mean":
             return loss.mean()
@@ -212,19 +227,34 @@ class _ProtoLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        *args, lse, teacher_lse = ctx.saved_tensors
-        n = lse.shape[0]
-        # what the mean / sum node would pass on, bit for bit
-        if ctx.reduction == "mean":
-            grad = grad.expand(n) / n
-        elif ctx.reduction == "sum":
-            grad = grad.expand(n)
         needs = list(ctx.needs_input_grad[1:4])
-        with torch._C._AutoDispatchBelowAutograd():
-            grads = torch.ops.pyprotoclip._proto_softmax_loss_backward(
-                grad.contiguous(), None, *args, lse, teacher_lse, needs
-            )
+        if ctx.fused:
+            grads = _ProtoLoss._scaled(ctx, grad)
+        else:
+            *args, lse, teacher_lse = ctx.saved_tensors
+            n = lse.shape[0]
+            # what the mean / sum node would pass on, bit for bit
+            if ctx.reduction == "mean":
+                grad = grad.expand(n) / n
+            elif ctx.reduction == "sum":
+                grad = grad.expand(n)
+            with torch._C._AutoDispatchBelowAutograd():
+                grads = torch.ops.pyprotoclip._proto_softmax_loss_backward(
+                    grad.contiguous(), None, *args, lse, teacher_lse, needs
+                )
         return (None, *[g if need else None for g, need in zip(grads, needs)], None, None, None, None, None)
+
+    @staticmethod
+    def _scaled(ctx, grad: torch.Tensor) -> list[torch.Tensor | None]:
+        """The gradients from the rows' own ones (saved by the forward): grad_f (B, d) scaled row by row,
+        grad_p (K, d) by the common weight, grad_t the weighted sum of the rows' terms."""
+        grad_f, grad_p, grad_t = ctx.saved_tensors
+        f_dtype, p_dtype, t_dtype = ctx.dtypes
+        grad = grad.float()
+        if ctx.reduction == "none":
+            return [(grad_f * grad[:, None]).to(f_dtype), None, (grad_t @ grad).to(t_dtype)]
+        weight = grad / grad_t.shape[0] if ctx.reduction == "mean" else grad
+        return [(grad_f * weight).to(f_dtype), (grad_p * weight).to(p_dtype), (grad_t.sum() * weight).to(t_dtype)]
 
 
 # ---- fakes and autograd for the compiled ops ---------------------------------------------------
@@ -250,6 +280,21 @@ if _OPS_LOADED:
         teacher_prototypes, teacher_temperature, lse, teacher_lse, output_mask,
     ):
         return features.new_empty(features.shape), prototypes.new_empty(prototypes.shape), temperature.new_empty(())
+
+    @torch.library.register_fake("pyprotoclip::_proto_softmax_loss_and_grad")
+    def _proto_softmax_loss_and_grad_fake(
+        features, prototypes, temperature, target_index, target_probs, teacher_features, teacher_prototypes,
+        teacher_temperature, output_mask,
+    ):
+        loss, lse, teacher_lse = _proto_softmax_loss_fake(
+            features, prototypes, temperature, target_index, target_probs, teacher_features, teacher_prototypes,
+            teacher_temperature,
+        )
+        f32 = torch.float32
+        n, d = features.shape
+        k = prototypes.shape[0] if output_mask[1] else 0
+        return (loss, lse, teacher_lse, features.new_empty((n, d), dtype=f32), features.new_empty((k, d), dtype=f32),
+                features.new_empty((n,), dtype=f32))
 
     def _setup_loss(ctx, inputs, output):
         ctx.save_for_backward(*inputs, output[1], output[2])
