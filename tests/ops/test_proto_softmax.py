@@ -130,10 +130,14 @@ class ProtoCrossEntropyTester(OpTester):
         _, lse, tlse = ops.proto_softmax_loss(f, p, tau, *args)
         n = f.shape[0]
         detached = (f.detach(), p.detach(), tau.detach(), *args, lse.detach(), tlse.detach(), [True, True, True])
-        return [(ops.proto_softmax_loss.default, (f, p, tau, *args))] + [
+        cases = [(ops.proto_softmax_loss.default, (f, p, tau, *args))] + [
             (ops._proto_softmax_loss_backward.default, (torch.rand(n, device=device), grad_lse, *detached))
             for grad_lse in (None, torch.rand(n, device=device))
         ]
+        if device == "cpu":  # the loss with the rows' own gradients: a CPU kernel only
+            cases += [(ops._proto_softmax_loss_and_grad.default, (*detached[:8], mask))
+                      for mask in ([True, True, True], [True, False, False])]
+        return cases
 
 
 class TestProtoCrossEntropyHard(ProtoCrossEntropyTester):
