@@ -77,8 +77,10 @@ def _extension():
     # csrc/<stem>.cpp: schemas and C++ entry points; csrc/module.cpp: build info; cpu/, cuda/: kernels
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     define = [("PYPROTOCLIP_PYTHON_MODULE", None), ("TORCH_VERSION_STRING", f'"{torch.__version__}"')]
-    # no FMA contraction: the row epilogues rely on a*x - b rounding the same way in max and in exp
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    # no FMA contraction: the row epilogues rely on a*x - b rounding the same way in max and in exp.
+    # No trapping math: without it GCC will not if-convert the float compares in the exp's clamp and the
+    # max/min reductions, so those loops stay scalar (8x slower); no result changes, the ops are the same.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
