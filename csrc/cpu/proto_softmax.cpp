@@ -58,6 +58,28 @@ double gradient_row(float* row, int64_t k, const float* qr, int64_t idx, float i
   return g_dot_x;
 }
 
+// The loss of one row of raw dots x against its target, given the row's lse:
+// loss = -sum_j q_j (a_j - lse) = (sum_j q_j) lse - sum_j q_j a_j. Hard: q = one-hot(idx). Soft: qr, with
+// s = sum_j q_j. Teacher: qr holds the teacher's raw dots; they become its probabilities in place and
+// their lse goes to *teacher_lse.
+float row_loss(Mode mode, const float* row, int64_t k, float it, float lse, int64_t idx, float* qr, float s,
+               float inv_tau_t, float* teacher_lse) {
+  switch (mode) {
+    case Mode::kHard:
+      return lse - it * row[idx];
+    case Mode::kSoft:
+      return s * lse - it * cpu::dot(qr, row, k);
+    case Mode::kTeacher: {
+      // q_j = exp(x^t_j / tau_t - lse^t) sums to 1 by construction
+      const float tl = cpu::row_lse(qr, k, inv_tau_t);
+      *teacher_lse = tl;
+      cpu::exp_affine(qr, qr, k, inv_tau_t, tl, 1.0f);
+      return lse - it * cpu::dot(qr, row, k);
+    }
+  }
+  return 0.0f;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
     const at::Tensor& features, const at::Tensor& prototypes, const at::Tensor& temperature,
     const std::optional<at::Tensor>& target_index, const std::optional<at::Tensor>& target_probs,
@@ -92,26 +114,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proto_softmax_loss_cpu(
         const int64_t gi = r0 + i;
         const float l = cpu::row_lse(row, k, it);
         lse_p[gi] = l;
-        // loss_i = -sum_j q_ij (a_ij - lse_i) = (sum_j q_ij) lse_i - sum_j q_ij a_ij
-        switch (tg.mode) {
-          case Mode::kHard:
-            loss_p[gi] = l - it * row[idx_p[gi]];
-            break;
-          case Mode::kSoft: {
-            const float* qr = qb + i * k;
-            loss_p[gi] = qs[i] * l - it * cpu::dot(qr, row, k);
-            break;
-          }
-          case Mode::kTeacher: {
-            // q_ij = exp(x^t_ij / tau_t - lse^t_i) sums to 1 by construction
-            float* tr = qb + i * k;
-            const float tl = cpu::row_lse(tr, k, inv_tau_t);
-            tlse_p[gi] = tl;
-            cpu::exp_affine(tr, tr, k, inv_tau_t, tl, 1.0f);
-            loss_p[gi] = l - it * cpu::dot(tr, row, k);
-            break;
-          }
-        }
+        const float s = qs ? qs[i] : 1.0f;
+        float* tl = tlse_p ? tlse_p + gi : nullptr;
+        loss_p[gi] = row_loss(tg.mode, row, k, it, l, idx_p ? idx_p[gi] : -1, qb ? qb + i * k : nullptr, s,
+                              inv_tau_t, tl);
       }
     });
   });
@@ -243,16 +249,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const float l = cpu::row_lse(row, k, it);
         lse_p[gi] = l;
         float* qr = qb + i * k;
-        float s = 1.0f;
-        if (tg.mode == Mode::kSoft) {
-          s = qs[i];
-          loss_p[gi] = s * l - it * cpu::dot(qr, row, k);
-        } else {
-          const float tl = cpu::row_lse(qr, k, inv_tau_t);
-          tlse_p[gi] = tl;
-          cpu::exp_affine(qr, qr, k, inv_tau_t, tl, 1.0f);
-          loss_p[gi] = l - it * cpu::dot(qr, row, k);
-        }
+        const float s = qs ? qs[i] : 1.0f;
+        loss_p[gi] = row_loss(tg.mode, row, k, it, l, -1, qr, s, inv_tau_t, tlse_p ? tlse_p + gi : nullptr);
         gt_p[gi] = float(-double(it) * it * gradient_row(row, k, qr, -1, it, l, s, 1.0f, need_t, true));
       }
     });
