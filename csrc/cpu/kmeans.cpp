@@ -1,10 +1,12 @@
 // k-means update on CPU: for every point its nearest centroid (L2) or most similar one (cosine), the
 // score, and per-centroid sums and counts of the (weighted) points, in one pass over the points.
-// Tiling: row blocks of x against centroid blocks, one fp32 GEMM each into a reusable buffer
-// (tiling.h) with a running argmin across centroid blocks. Not differentiable: nothing is saved.
+// Tiling: row blocks of x (tiling.h) are cut into tiles of rows, one per parallel task; each tile meets
+// the centroid blocks in turn, one single-threaded fp32 GEMM each into the task's L2-sized buffer, with
+// a running argmin across centroid blocks. Not differentiable: nothing is saved.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string_view>
@@ -16,11 +18,12 @@
 namespace pyprotoclip {
 namespace {
 
-// Centroids per GEMM: with the 4M-element budget below this keeps row blocks >= 512 points, so
-// every parallel epilogue and accumulation pass has enough rows to split over the threads.
-constexpr int64_t kCentroidBlock = 8192;
-// Block budget below tiling.h's kBlockElems (16 MiB, the block stays in L3 for its epilogue): measured
-// faster, n=200k d=64 k=1024 fp32 on 2 threads: 0.31-0.35 s (l2) vs 0.41-0.43 s with kBlockElems.
+// A tile is the (kCentroidBlock, kTileRows) fp32 product of a centroid block with a tile of points:
+// 512 KiB, so it stays in a core's L2 between its GEMM and the running argmin that reads it.
+constexpr int64_t kTileRows = 256;
+constexpr int64_t kCentroidBlock = 512;
+constexpr int64_t kTilesPerThread = 8;
+// Row block budget: the fp32 copy of a non-fp32 x and the running best stay O(block), never O(n d).
 constexpr int64_t kBlockBudget = int64_t(4) << 20;
 // Minimum elements of work per parallel chunk: below this a parallel section costs more than it saves.
 constexpr int64_t kMinChunkWork = int64_t(1) << 15;
@@ -31,6 +34,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cpu(
   kmeans_check_inputs(x, centroids, weights);
   const bool cosine = kmeans_metric_is_cosine(metric);
   const int64_t n = x.size(0), d = x.size(1), k = centroids.size(0);
+  TORCH_CHECK(k <= std::numeric_limits<int32_t>::max(), "kmeans_update: centroids: expected at most 2^31 - 1 rows, got ",
+              k);
   const auto f32 = x.options().dtype(at::kFloat);
   auto assign = at::zeros({n}, x.options().dtype(at::kLong));
   auto score = at::empty({n}, f32);
@@ -40,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cpu(
 
   auto c = centroids.contiguous().to(at::kFloat);  // (k, d)
   if (cosine) c = c / at::linalg_vector_norm(c, 2, {1}, true).clamp_min(kNormEps);
-  // Rows of the GEMM block hold |c_j|^2 - 2 x.c_j (l2) or x.c^_j (cosine): the per-row |x|^2 and
+  // A point's score for centroid j is |c_j|^2 - 2 x.c_j (l2) or x.c^_j (cosine): its own |x|^2 and
   // 1/|x| do not change the argmin/argmax and are applied to the winner only.
   const auto c_sq = (c * c).sum(1);  // (k,)
   const float* c_sq_p = c_sq.data_ptr<float>();
@@ -51,8 +56,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cpu(
   const float* w_p = w.defined() ? w.data_ptr<float>() : nullptr;
 
   const int64_t kc_max = std::min(k, kCentroidBlock);
-  const int64_t rows_max = block_rows(n, kc_max, kBlockBudget);
-  auto gemm_buffer = at::empty({rows_max * kc_max}, f32);
+  // Row blocks bound the fp32 copy of x (non-fp32 inputs) and the running state; each holds enough tiles
+  // to keep every thread busy.
+  const int64_t rows_max =
+      std::min(n, std::max(block_rows(n, kc_max, kBlockBudget), kTileRows * kTilesPerThread * at::get_num_threads()));
   auto x_buffer = x_is_f32 ? at::Tensor() : at::empty({rows_max, d}, f32);
   auto best = at::empty({rows_max}, f32);          // running best of the block rows
   auto row_factor = at::empty({rows_max}, f32);    // 1/|x_i| (cosine) or 1, times w_i
@@ -68,27 +75,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cpu(
     at::Tensor xb = x_is_f32 ? xc.narrow(0, r0, rows) : block_view(x_buffer, rows).copy_(xc.narrow(0, r0, rows));
     const float* xb_p = xb.data_ptr<float>();
     int64_t* bi = assign_p + r0;
-    std::fill(best_p, best_p + rows,
-              cosine ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity());
-    for (int64_t c0 = 0; c0 < k; c0 += kc_max) {
-      const int64_t kc = std::min(kc_max, k - c0);
-      auto blk = gemm_buffer.narrow(0, 0, rows * kc).view({rows, kc});
-      const auto cb = c.narrow(0, c0, kc);
-      at::mm_out(blk, xb, cb.t());
-      float* b = blk.data_ptr<float>();
-      at::parallel_for(0, rows, std::max<int64_t>(1, kMinChunkWork / kc), [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          float* row = b + i * kc;
-          const float v = cosine ? cpu::max_value(row, kc) : cpu::shift_twice_and_min(row, c_sq_p + c0, kc);
-          // Strict comparison: on a tie the earlier centroid block (lower index) keeps the row.
-          if (cosine ? !(v > best_p[i]) : !(v < best_p[i])) continue;
-          const int64_t j = cpu::first_index(row, kc, v);  // first (lowest) index of the extremum
-          if (j == kc) continue;                           // NaN row: keep the previous (in-range) index
-          best_p[i] = v;
-          bi[i] = c0 + j;
+    // Each task takes whole tiles: their GEMMs run on one thread (BLAS is sequential inside a parallel
+    // region), and the running argmin reads each product while it is still in that core's L2.
+    const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      auto product = at::empty({kc_max * kTileRows}, f32);
+      int32_t index[kTileRows];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t i0 = t * kTileRows, m = std::min(rows, i0 + kTileRows) - i0;
+        const auto xt = xb.narrow(0, i0, m);
+        float* best_t = best_p + i0;
+        std::fill(best_t, best_t + m,
+                  cosine ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity());
+        std::fill(index, index + m, 0);  // a row whose every score is NaN keeps centroid 0
+        for (int64_t c0 = 0; c0 < k; c0 += kc_max) {
+          const int64_t kc = std::min(kc_max, k - c0);
+          // (kc, m): centroids down the rows, so that the running argmin is vectorised across the points
+          auto blk = product.narrow(0, 0, kc * m).view({kc, m});
+          at::mm_out(blk, c.narrow(0, c0, kc), xt.t());
+          const float* b = blk.data_ptr<float>();
+          const auto base = static_cast<int32_t>(c0);
+          if (cosine) {
+            cpu::argmax_update(b, kc, m, base, best_t, index);
+          } else {
+            cpu::argmin_shifted_update(b, kc, m, c_sq_p + c0, base, best_t, index);
+          }
         }
-      });
-    }
+        std::copy(index, index + m, bi + i0);
+      }
+    });
     at::parallel_for(0, rows, std::max<int64_t>(1, kMinChunkWork / d), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const float sq = cpu::dot(xb_p + i * d, xb_p + i * d, d);

@@ -54,9 +54,23 @@ inline float lane_reduce(int64_t m, float init, Combine combine, Term term) {
 }
 
 inline float add(float a, float b) { return a + b; }
+
+// Running per-column best down a block's rows (argmin_shifted_update, argmax_update).
+template <class Better, class Score>
+inline void column_arg_best_update(const float* block, int64_t rows, int64_t m, int32_t base, float* best,
+                                   int32_t* index, Better better, Score score) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = block + r * m;
+    const int32_t id = base + static_cast<int32_t>(r);
+    for (int64_t i = 0; i < m; ++i) {
+      const float v = score(r, row[i]);
+      const bool take = better(v, best[i]);
+      best[i] = take ? v : best[i];
+      index[i] = take ? id : index[i];
+    }
+  }
+}
 inline float max(float a, float b) { return a > b ? a : b; }
-// keeps a unless b is smaller: a NaN b never replaces the running minimum
-inline float min_keep(float a, float b) { return b < a ? b : a; }
 
 }  // namespace
 
@@ -125,18 +139,16 @@ PYPROTOCLIP_MULTIVERSION float dot(const float* x, const float* y, int64_t m) {
   return lane_reduce(m, 0.0f, add, [&](int64_t j) { return x[j] * y[j]; });
 }
 
-PYPROTOCLIP_MULTIVERSION float shift_twice_and_min(float* x, const float* shift, int64_t m) {
-  return lane_reduce(m, std::numeric_limits<float>::infinity(), min_keep, [&](int64_t j) {
-    const float v = shift[j] - 2.0f * x[j];
-    x[j] = v;
-    return v;
-  });
+PYPROTOCLIP_MULTIVERSION void argmin_shifted_update(const float* block, int64_t rows, int64_t m, const float* shift,
+                                                     int32_t base, float* best, int32_t* index) {
+  column_arg_best_update(block, rows, m, base, best, index, [](float v, float b) { return v < b; },
+                         [&](int64_t r, float x) { return shift[r] - 2.0f * x; });
 }
 
-int64_t first_index(const float* x, int64_t m, float v) {
-  int64_t j = 0;
-  while (j < m && x[j] != v) ++j;
-  return j;
+PYPROTOCLIP_MULTIVERSION void argmax_update(const float* block, int64_t rows, int64_t m, int32_t base, float* best,
+                                             int32_t* index) {
+  column_arg_best_update(block, rows, m, base, best, index, [](float v, float b) { return v > b; },
+                         [](int64_t, float x) { return x; });
 }
 
 PYPROTOCLIP_MULTIVERSION void column_lse_update(const float* block, int64_t rows, int64_t ld, int64_t c0,

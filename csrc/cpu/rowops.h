@@ -44,11 +44,13 @@ void add_exp_affine_cols(const float* x, float* out, int64_t m, float a, const f
 void scale(const float* x, float* out, int64_t m, float mul);
 // sum_j x[j] * y[j]
 float dot(const float* x, const float* y, int64_t m);
-// x[j] <- shift[j] - 2 x[j] (a squared L2 distance up to a per-row constant, from a raw dot); returns
-// min_j of the stored values (NaNs skipped), so that first_index can look for the very same float.
-float shift_twice_and_min(float* x, const float* shift, int64_t m);
-// The first j with x[j] == v, or m if there is none (v NaN, or not in x).
-int64_t first_index(const float* x, int64_t m, float v);
+// Running argmin/argmax down the rows of a (rows, m) block, for every column i: row r stands for index
+// base + r and scores shift[r] - 2 x[r][i] (argmin: a squared L2 distance up to a per-column constant,
+// from a raw dot) or x[r][i] (argmax). A score replaces best[i] (and index[i]) only if strictly better:
+// the first index of the extremum wins, and NaN scores never do.
+void argmin_shifted_update(const float* block, int64_t rows, int64_t m, const float* shift, int32_t base,
+                           float* best, int32_t* index);
+void argmax_update(const float* block, int64_t rows, int64_t m, int32_t base, float* best, int32_t* index);
 
 // Column-wise online log-sum-exp of a*x over the rows of a (rows, ld) block, for columns [c0, c1):
 // the running (col_max, col_sum) are updated so that col_max + log(col_sum) is the log-sum-exp of

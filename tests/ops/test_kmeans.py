@@ -113,17 +113,37 @@ class TestKMeansUpdateCosine(KMeansUpdateTester):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_k_running_argmin_and_threads(device):
-    # k above the kernel's centroid block (CPU 8192, CUDA 65536) exercises the running argmin across
-    # blocks; rows above one GEMM block exercise several row blocks and the parallel accumulation.
+    # k above the kernel's centroid block (CPU 512, CUDA 65536) exercises the running argmin across
+    # blocks; rows above one tile (CPU 256) exercise several tiles and the parallel accumulation.
     skip_unavailable("compiled", device)
     torch.set_num_threads(2)
-    block = 8192 if device == "cpu" else 65536
+    block = 512 if device == "cpu" else 65536
     x = torch.randn(1200, 4, device=device)
     c = torch.randn(block + 8, 4, device=device)
     c[block + 3] = x[0]  # exact hit in the second centroid block
+    c[block + 5] = c[2] = x[1] + 1e-3  # the same centroid in both blocks: the first block's index wins
     out = kmeans_update(x, c, backend="compiled")  # k > n: one shard of a sharded k-means
     _oracle_check(x, c, None, "l2", out, margin=1e-4 if device == "cpu" else 1e-3)
     assert int(out[0][0]) == block + 3
+    assert int(out[0][1]) == 2
+
+
+@needs_compiled
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_cpu_results_do_not_depend_on_the_thread_count(metric):
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(3000, 16, generator=g), torch.randn(1100, 16, generator=g)
+    w = torch.rand(3000, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kmeans_update(x, c, metric=metric, weights=w, backend="compiled")
+        torch.set_num_threads(2)
+        two = kmeans_update(x, c, metric=metric, weights=w, backend="compiled")
+    finally:
+        torch.set_num_threads(before)
+    for name, a, b in zip(("assign", "score", "sums", "counts"), one, two):
+        assert torch.equal(a, b), name
 
 
 @needs_compiled
