@@ -94,8 +94,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cuda(
   if (n == 0 || d == 0) return {assign, score, sums, counts};
 
   // GEMM operands in x's dtype for half/bf16 (tensor cores), fp32 otherwise (tiling.h).
-  const auto xc = gemm_operand(x);
-  auto cf = centroids.to(at::kFloat);
+  // detached: the op is not differentiable, and its GEMMs write into buffers (out= refuses inputs that need grad)
+  const auto xc = gemm_operand(x.detach());
+  auto cf = centroids.detach().to(at::kFloat);
   if (cosine) cf = cf / at::linalg_vector_norm(cf, 2, {1}, true).clamp_min(kNormEps);
   const auto cg = cf.to(xc.scalar_type()).contiguous();  // (k, d)
   // |c|^2 of the very centroids the GEMM sees, so that distances are consistent.

@@ -60,11 +60,12 @@ def kmeans_update(
     compute in float32, so "compiled" raises a ValueError naming x.
     """
     x, centroids, weights = _validate(x, centroids, metric, weights)
-    # float64: the reference with "auto", a ValueError with "compiled", as for every op (_backend.choose)
-    if _backend.choose(backend, x, "kmeans_update", "x") == "reference":
-        assign, score, sums, counts = reference.kmeans_update(x, centroids, weights, metric)
-        return assign, score.float(), sums.float(), counts.float()
-    return torch.ops.pyprotoclip.kmeans_update(x, centroids, weights, metric)
+    with torch.no_grad():  # not differentiable: no output takes part in autograd, whatever the inputs
+        # float64: the reference with "auto", a ValueError with "compiled", as for every op (_backend.choose)
+        if _backend.choose(backend, x, "kmeans_update", "x") == "reference":
+            assign, score, sums, counts = reference.kmeans_update(x, centroids, weights, metric)
+            return assign, score.float(), sums.float(), counts.float()
+        return torch.ops.pyprotoclip.kmeans_update(x, centroids, weights, metric)
 
 
 # ---- fake for the compiled op -----------------------------------------------------------------

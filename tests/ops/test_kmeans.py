@@ -128,22 +128,69 @@ def test_large_k_running_argmin_and_threads(device):
     assert int(out[0][1]) == 2
 
 
-@needs_compiled
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_cpu_results_do_not_depend_on_the_thread_count(metric):
-    g = torch.Generator().manual_seed(0)
-    x, c = torch.randn(3000, 16, generator=g), torch.randn(1100, 16, generator=g)
-    w = torch.rand(3000, generator=g)
+def _with_threads(threads, fn):
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = kmeans_update(x, c, metric=metric, weights=w, backend="compiled")
-        torch.set_num_threads(2)
-        two = kmeans_update(x, c, metric=metric, weights=w, backend="compiled")
+        torch.set_num_threads(threads)
+        return fn()
     finally:
         torch.set_num_threads(before)
-    for name, a, b in zip(("assign", "score", "sums", "counts"), one, two):
-        assert torch.equal(a, b), name
+
+
+@needs_compiled
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("n,k,d,dtype", [
+    (3000, 1100, 16, torch.float32),    # several tiles, three centroid blocks
+    (200, 5000, 16, torch.float32),     # one tile, ten blocks: the blocks are split over the threads
+    (2600, 600, 2048, torch.bfloat16),  # two row blocks of a converted (bf16 -> fp32) x
+])
+def test_cpu_results_do_not_depend_on_the_thread_count(metric, n, k, d, dtype):
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(n, d, generator=g).to(dtype), torch.randn(k, d, generator=g)
+    c[k - 3] = x[0].float()  # an exact hit in the last block
+    w = torch.rand(n, generator=g)
+    outs = [_with_threads(t, lambda: kmeans_update(x, c, metric=metric, weights=w, backend="compiled")) for t in (1, 2, 3)]
+    for got in outs[1:]:
+        for name, a, b in zip(("assign", "score", "sums", "counts"), outs[0], got):
+            assert torch.equal(a, b), name
+    assert int(outs[0][0][0]) == k - 3
+    # the l2 score is |x|^2 + |c|^2 - 2 x.c in fp32: an absolute error ~ eps |x|^2 (~1e-3 at d=2048), seen
+    # where the distance is ~0 (the exact hit)
+    _oracle_check(x.float(), c, w, metric, outs[0], margin=1e-3, score_atol=1e-4 * max(1, d // 128))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inputs_that_require_grad(device):
+    # prototypes as an nn.Parameter: the kernels' GEMMs write into buffers (out=), which autograd refuses for
+    # inputs that need grad, on the caller's thread and in parallel_for's workers alike
+    skip_unavailable("compiled", device)
+    x, c = torch.randn(600, 8, device=device), torch.randn(16, 8, device=device)
+    for metric in ("l2", "cosine"):
+        want = kmeans_update(x, c, metric=metric, backend="reference")[0]
+        for xg, cg in ((x, c.clone().requires_grad_()), (x.clone().requires_grad_(), c)):
+            got = _with_threads(2, lambda: kmeans_update(xg, cg, metric=metric, backend="compiled"))
+            assert torch.equal(got[0], want) and not any(t.requires_grad for t in got), metric
+            direct = _with_threads(2, lambda: torch.ops.pyprotoclip.kmeans_update(xg, cg, None, metric))
+            assert torch.equal(direct[0], want), metric  # the raw op too, outside no_grad
+
+
+@needs_compiled
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_direct_op_nan_scores_never_win(metric):
+    # the public call rejects NaN; the raw op must still skip NaN scores: a NaN centroid in the first
+    # block never wins, and a point whose every score is NaN keeps centroid 0
+    g = torch.Generator().manual_seed(3)
+    x, c = torch.randn(700, 8, generator=g), torch.randn(1030, 8, generator=g)
+    c[1] = float("nan")
+    x[300] = float("nan")
+    assign = _with_threads(2, lambda: torch.ops.pyprotoclip.kmeans_update(x, c, None, metric)[0])
+    assert int(assign[300]) == 0
+    assert not bool((assign == 1).any())
+    keep = torch.ones(700, dtype=torch.bool)
+    keep[300] = False
+    want = kmeans_update(x[keep], torch.cat([c[:1], c[2:]]), metric=metric, backend="reference")[0]
+    want = want + (want >= 1).long()  # indices after the removed centroid 1
+    assert torch.equal(assign[keep], want)
 
 
 @needs_compiled
