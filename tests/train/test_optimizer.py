@@ -36,13 +36,36 @@ def test_fused_on_cpu_and_equal_to_the_loop_to_rounding():
     assert moved > 1e-2  # six steps of lr 1e-2 did move the weights
 
 
-def test_fused_choice_survives_a_resume():
-    groups = _groups(0)
-    opt = _adamw(groups, P, torch.device("cpu"))
-    for q in (q for grp in groups for q in grp["params"]):
-        q.grad = torch.ones_like(q)
-    opt.step()
-    again = torch.optim.AdamW(_groups(0), lr=P["lr"])  # a fresh, unfused optimizer loading the checkpoint
-    again.load_state_dict(opt.state_dict())
-    assert all(grp["fused"] for grp in again.param_groups)
+def test_a_state_saved_by_the_loop_optimizer_loads_into_the_fused_one():
+    """An older checkpoint (or open_clip's) holds "fused": None in its groups; loading it must not switch the
+    optimizer back to the loop (with a GradScaler that would fail: the scaler hands a fused optimizer its scale)."""
+    loop_groups, fused_groups = _groups(0), _groups(0)
+    loop = torch.optim.AdamW(loop_groups, lr=P["lr"], betas=(P["beta1"], P["beta2"]), eps=P["eps"])
+    g = torch.Generator().manual_seed(2)
+    for q in (q for grp in loop_groups for q in grp["params"]):
+        q.grad = torch.randn(q.shape, generator=g)
+    loop.step()
+    fused = _adamw(fused_groups, P, torch.device("cpu"))
+    with torch.no_grad():
+        for a, b in zip((q for grp in fused_groups for q in grp["params"]), (q for grp in loop_groups for q in grp["params"])):
+            a.copy_(b)
+            a.grad = b.grad.clone()
+    fused.load_state_dict(loop.state_dict())
+    assert all(grp["fused"] for grp in fused.param_groups)
+    assert [grp["weight_decay"] for grp in fused.param_groups] == [0.2, 0.0]  # the saved hyper-parameters load
+    fused.grad_scale, fused.found_inf = torch.ones(()), torch.zeros(())  # as GradScaler.step hands them over
+    fused.step()
+    del fused.grad_scale, fused.found_inf
+    loop.step()
+    for a, b in zip((q for grp in fused_groups for q in grp["params"]), (q for grp in loop_groups for q in grp["params"])):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
+
+def test_the_trainer_builds_the_fused_optimizer(fake_train, monkeypatch):
+    built = []
+    from pyprotoclip.train import setup
+
+    real = setup._adamw
+    monkeypatch.setattr(setup, "_adamw", lambda *a: built.append(real(*a)) or built[-1])
+    fake_train(name="fused")
+    assert len(built) == 1 and all(grp["fused"] for grp in built[0].param_groups)
