@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared", default=None, help="a note for the JSON when the machine was shared with other jobs")
     parser.add_argument("--tag", default=None, help="file-name tag (default: the machine's name)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    parser.add_argument("--small-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64, 128, 256],
+    parser.add_argument("--small-sizes", type=lambda s: [int(x) for x in s.split(",")] if s else [], default=[32, 64, 128, 256],
                         help="batch sizes of the small-shape row (d=128, fp32, vs ClipLoss); empty to skip")
     parser.add_argument("--small-only", action="store_true", help="only the small-shape rows")
     parser.add_argument("--small-repeats", type=int, default=None, help="interleaved samples per small size")
