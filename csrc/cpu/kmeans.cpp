@@ -1,8 +1,9 @@
 // k-means update on CPU: for every point its nearest centroid (L2) or most similar one (cosine), the
 // score, and per-centroid sums and counts of the (weighted) points, in one pass over the points.
-// Tiling: row blocks of x (tiling.h) are cut into tiles of rows, one per parallel task; each tile meets
-// the centroid blocks in turn, one single-threaded fp32 GEMM each into the task's L2-sized buffer, with
-// a running argmin across centroid blocks. Not differentiable: nothing is saved.
+// Tiling: row blocks of x (tiling.h) are cut into tiles of 256 rows, one parallel task per tile (per tile
+// and group of centroid blocks when tiles are fewer than threads); a task meets its centroid blocks in
+// turn, one single-threaded fp32 GEMM each into its L2-sized buffer, with a running argmin across them.
+// Not differentiable: nothing is saved.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
@@ -23,7 +24,7 @@ namespace {
 // 512 KiB, so it stays in a core's L2 between its GEMM and the running argmin that reads it.
 constexpr int64_t kTileRows = 256;
 constexpr int64_t kCentroidBlock = 512;
-constexpr int64_t kTilesPerThread = 8;
+constexpr int64_t kTilesPerThread = 2;
 // Row block budget (fp32 values of x per block): the fp32 copy of a non-fp32 x stays O(block), never O(n d).
 constexpr int64_t kBlockBudget = int64_t(4) << 20;
 
@@ -62,16 +63,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cpu(
   const int64_t kc_max = std::min(k, kCentroidBlock);
   const int64_t blocks = (k + kc_max - 1) / kc_max;  // centroid blocks
   const int64_t threads = at::get_num_threads();
-  // Row blocks bound the fp32 copy of a non-fp32 x ((rows, d)) and the per-row state; a whole number of
-  // tiles each, so that tiles cover the same rows whatever the thread count, and enough to busy every thread.
+  // Row blocks bound the fp32 copy of a non-fp32 x ((rows, d): at most max(kBlockBudget, kTileRows *
+  // kTilesPerThread * threads * d) values) and the per-row state. Each is a whole number of tiles, so that
+  // tiles cover the same rows whatever the thread count, and has a few tiles per thread.
   const int64_t rows_max = std::min(
       n, round_up(std::max(block_rows(n, d, kBlockBudget), kTileRows * kTilesPerThread * threads), kTileRows));
   const int64_t tiles_max = (rows_max + kTileRows - 1) / kTileRows;
   // Fewer tiles than threads (few points, many centroids): the centroid blocks are split into groups as
   // well, each (tile, group) a task with its own running best; merging the groups in order with the same
   // strict comparison gives the first index of the extremum, as one running best over all blocks does.
-  // A block has at most tiles_max + threads tasks (tiles * ceil(threads / tiles) < threads + tiles).
-  const int64_t tasks_max = tiles_max + threads;
+  // A row block has at most max(tiles_max, threads) tasks.
+  const int64_t tasks_max = std::max(tiles_max, threads);
   auto x_buffer = x_is_f32 ? at::Tensor() : at::empty({rows_max, d}, f32);
   auto part_best = at::empty({tasks_max * kTileRows}, f32);  // per (tile, group) running best
   auto part_index = at::empty({tasks_max * kTileRows}, x.options().dtype(at::kInt));
@@ -84,8 +86,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cpu(
   float* sums_p = sums.data_ptr<float>();
   float* counts_p = counts.data_ptr<float>();
   const float worst = cosine ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity();
-  // parallel_for's workers do not inherit this thread's dispatcher and grad-mode state; the tile GEMMs
-  // (tensor ops) need it, or a centroids tensor that requires grad would reach autograd in a worker
+  // parallel_for's workers do not inherit this thread's grad mode and dispatcher state; they run tensor ops
+  // (the tile buffers and GEMMs), which then behave as on the caller's thread
   const at::ThreadLocalState caller_state;
 
   for_each_row_block(n, rows_max, [&](int64_t r0, int64_t r1) {
@@ -94,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cpu(
     const float* xb_p = xb.data_ptr<float>();
     int64_t* bi = assign_p + r0;
     const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
-    const int64_t groups = tiles >= threads ? 1 : std::min(blocks, (threads + tiles - 1) / tiles);
+    const int64_t groups = tiles >= threads ? 1 : std::min(blocks, threads / tiles);
     // Each task multiplies its tile by its centroid blocks on one thread (BLAS runs sequentially inside a
     // parallel region) and runs the argmin down each product while it is still in that core's L2.
     at::parallel_for(0, tiles * groups, 1, [&](int64_t q0, int64_t q1) {

@@ -142,14 +142,15 @@ def _with_threads(threads, fn):
 @pytest.mark.parametrize("n,k,d,dtype", [
     (3000, 1100, 16, torch.float32),    # several tiles, three centroid blocks
     (200, 5000, 16, torch.float32),     # one tile, ten blocks: the blocks are split over the threads
-    (2600, 600, 2048, torch.bfloat16),  # two row blocks of a converted (bf16 -> fp32) x
+    (200, 300, 16, torch.float32),      # one task: run inline, outside the parallel region
+    (4500, 600, 1000, torch.bfloat16),  # a converted (bf16 -> fp32) x in row blocks of 4352 rows at 1 thread
 ])
 def test_cpu_results_do_not_depend_on_the_thread_count(metric, n, k, d, dtype):
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(n, d, generator=g).to(dtype), torch.randn(k, d, generator=g)
     c[k - 3] = x[0].float()  # an exact hit in the last block
     w = torch.rand(n, generator=g)
-    outs = [_with_threads(t, lambda: kmeans_update(x, c, metric=metric, weights=w, backend="compiled")) for t in (1, 2, 3)]
+    outs = [_with_threads(t, lambda: kmeans_update(x, c, metric=metric, weights=w, backend="compiled")) for t in (1, 2, 3, 4)]
     for got in outs[1:]:
         for name, a, b in zip(("assign", "score", "sums", "counts"), outs[0], got):
             assert torch.equal(a, b), name
@@ -191,6 +192,27 @@ def test_direct_op_nan_scores_never_win(metric):
     want = kmeans_update(x[keep], torch.cat([c[:1], c[2:]]), metric=metric, backend="reference")[0]
     want = want + (want >= 1).long()  # indices after the removed centroid 1
     assert torch.equal(assign[keep], want)
+
+
+@needs_compiled
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_centroid_groups_merge_to_the_first_extremum(metric):
+    # 200 points (one tile) and 3 centroid blocks: on 2-3 threads the blocks are split into groups whose
+    # results are merged; a tie across groups goes to the lower index, NaN scores never win
+    g = torch.Generator().manual_seed(4)
+    x, c = torch.randn(200, 8, generator=g), torch.randn(1300, 8, generator=g)
+    c[7] = c[1290] = x[0]  # the same centroid, an exact hit, in the first and the last block
+    c[600] = float("nan")      # a NaN centroid in a later group
+    x[5] = float("nan")        # a point whose every score is NaN
+    outs = [_with_threads(t, lambda: torch.ops.pyprotoclip.kmeans_update(x, c, None, metric)) for t in (1, 2, 3)]
+    for got in outs[1:]:
+        assert torch.equal(got[0], outs[0][0])
+    assign = outs[0][0]
+    assert int(assign[0]) == 7 and int(assign[5]) == 0 and not bool((assign == 600).any())
+    keep = torch.arange(200) != 5
+    clean = torch.cat([c[:600], c[601:]])
+    want = kmeans_update(x[keep], clean, metric=metric, backend="reference")[0]
+    assert torch.equal(assign[keep], want + (want >= 600).long())
 
 
 @needs_compiled
