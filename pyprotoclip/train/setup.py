@@ -178,7 +178,9 @@ def _adamw(param_groups: list[dict[str, Any]], p: dict[str, Any], device: torch.
     optimizer = torch.optim.AdamW(param_groups, lr=p["lr"], betas=(p["beta1"], p["beta2"]), eps=p["eps"],
                                   fused=fused or None)
 
-    def keep_implementation(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    def keep_implementation(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any] | None:
+        if len(state_dict["param_groups"]) != len(opt.param_groups):
+            return None  # torch refuses it with its own error
         groups = [{**saved, "fused": live["fused"], "foreach": live["foreach"]}
                   for saved, live in zip(state_dict["param_groups"], opt.param_groups)]
         return {**state_dict, "param_groups": groups}

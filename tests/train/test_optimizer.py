@@ -1,6 +1,7 @@
 """The trainer's AdamW: torch's fused kernel, equal to the per-parameter loop (what open_clip steps) to
 fp32 rounding, with the trainer's parameter groups (weight decay on some, none on others)."""
 
+import pytest
 import torch
 
 from pyprotoclip.train.setup import _adamw
@@ -68,4 +69,27 @@ def test_the_trainer_builds_the_fused_optimizer(fake_train, monkeypatch):
     real = setup._adamw
     monkeypatch.setattr(setup, "_adamw", lambda *a: built.append(real(*a)) or built[-1])
     fake_train(name="fused")
+    assert len(built) == 1 and all(grp["fused"] for grp in built[0].param_groups)
+
+
+def test_a_state_with_another_number_of_groups_is_refused():
+    three = _groups(0) + [{"params": [torch.zeros(2, requires_grad=True)], "weight_decay": 0.0}]
+    saved = torch.optim.AdamW(three, lr=P["lr"]).state_dict()
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        _adamw(_groups(0), P, torch.device("cpu")).load_state_dict(saved)
+
+
+def test_resuming_a_run_saved_by_the_loop_optimizer_steps_fused(fake_train, monkeypatch):
+    """The trainer's own resume path (checkpoint.restore_training_state) with a checkpoint whose optimizer
+    was the per-parameter loop, as every checkpoint written before the fused kernel was."""
+    from pyprotoclip.train import setup
+
+    real = setup._adamw
+    monkeypatch.setattr(setup, "_adamw", lambda groups, p, device: torch.optim.AdamW(
+        groups, lr=p["lr"], betas=(p["beta1"], p["beta2"]), eps=p["eps"]))
+    fake_train(name="resumed", epochs=1)
+    built = []
+    monkeypatch.setattr(setup, "_adamw", lambda *a: built.append(real(*a)) or built[-1])
+    summary = fake_train(name="resumed", epochs=2, resume="latest")
+    assert summary["step"] == 4
     assert len(built) == 1 and all(grp["fused"] for grp in built[0].param_groups)
