@@ -6,6 +6,7 @@
 // Not differentiable: nothing is saved.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/ceil_div.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,7 +29,6 @@ constexpr int64_t kTilesPerThread = 2;
 // Row block budget (fp32 values of x per block): the fp32 copy of a non-fp32 x stays O(block), never O(n d).
 constexpr int64_t kBlockBudget = int64_t(4) << 20;
 
-inline int64_t round_up(int64_t v, int64_t multiple) { return (v + multiple - 1) / multiple * multiple; }
 // Minimum elements of work per parallel chunk: below this a parallel section costs more than it saves.
 constexpr int64_t kMinChunkWork = int64_t(1) << 15;
 
@@ -61,14 +61,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cpu(
   const float* w_p = w.defined() ? w.data_ptr<float>() : nullptr;
 
   const int64_t kc_max = std::min(k, kCentroidBlock);
-  const int64_t blocks = (k + kc_max - 1) / kc_max;  // centroid blocks
+  const int64_t blocks = at::ceil_div(k, kc_max);  // centroid blocks
   const int64_t threads = at::get_num_threads();
   // Row blocks bound the fp32 copy of a non-fp32 x ((rows, d): at most max(kBlockBudget, kTileRows *
   // kTilesPerThread * threads * d) values) and the per-row state. Each is a whole number of tiles, so that
   // tiles cover the same rows whatever the thread count, and has a few tiles per thread.
   const int64_t rows_max = std::min(
-      n, round_up(std::max(block_rows(n, d, kBlockBudget), kTileRows * kTilesPerThread * threads), kTileRows));
-  const int64_t tiles_max = (rows_max + kTileRows - 1) / kTileRows;
+      n, at::round_up(std::max(block_rows(n, d, kBlockBudget), kTileRows * kTilesPerThread * threads), kTileRows));
+  const int64_t tiles_max = at::ceil_div(rows_max, kTileRows);
   // Fewer tiles than threads (few points, many centroids): the centroid blocks are split into groups as
   // well, each (tile, group) a task with its own running best; merging the groups in order with the same
   // strict comparison gives the first index of the extremum, as one running best over all blocks does.
@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_update_cpu(
     at::Tensor xb = x_is_f32 ? xc.narrow(0, r0, rows) : block_view(x_buffer, rows).copy_(xc.narrow(0, r0, rows));
     const float* xb_p = xb.data_ptr<float>();
     int64_t* bi = assign_p + r0;
-    const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+    const int64_t tiles = at::ceil_div(rows, kTileRows);
     const int64_t groups = tiles >= threads ? 1 : std::min(blocks, threads / tiles);
     // Each task multiplies its tile by its centroid blocks on one thread (BLAS runs sequentially inside a
     // parallel region) and runs the argmin down each product while it is still in that core's L2.

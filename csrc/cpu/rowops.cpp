@@ -54,6 +54,7 @@ inline float lane_reduce(int64_t m, float init, Combine combine, Term term) {
 }
 
 inline float add(float a, float b) { return a + b; }
+inline float max(float a, float b) { return a > b ? a : b; }
 
 // Running per-column best down a block's rows (argmin_shifted_update, argmax_update).
 template <class Better, class Score>
@@ -70,7 +71,6 @@ inline void column_arg_best_update(const float* block, int64_t rows, int64_t m, 
     }
   }
 }
-inline float max(float a, float b) { return a > b ? a : b; }
 
 }  // namespace
 
